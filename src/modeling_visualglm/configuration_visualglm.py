@@ -1,0 +1,49 @@
+"""Configuration of VisualGLM-6B: EVA ViT-g → ln_vision → Q-Former → glm_proj → ChatGLM-6B."""
+
+from transformers import PretrainedConfig
+
+from .configuration_blocks import ChatGLMConfig, EvaVisionConfig, QFormerConfig
+
+
+def _sub(cls, value):
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**value)
+    return value
+
+
+class VisualGLMConfig(PretrainedConfig):
+    """Top-level config. ``image_token_id`` marks the image placeholders in ``input_ids``: each image is a
+    run of ``num_image_tokens`` (= the Q-Former's query count, 32) copies of it. It is a dedicated id
+    (the tokenizer's ``<image>``), never pad/unk/bos/eos; its embedding row is never looked up."""
+
+    model_type = "visualglm"
+    sub_configs = {"vision_config": EvaVisionConfig, "qformer_config": QFormerConfig, "text_config": ChatGLMConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        qformer_config=None,
+        text_config=None,
+        image_token_id=None,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        **kwargs,
+    ):
+        self.vision_config = _sub(EvaVisionConfig, vision_config)
+        self.qformer_config = _sub(QFormerConfig, qformer_config)
+        self.text_config = _sub(ChatGLMConfig, text_config)
+        # the Q-Former cross-attends to the tower's output
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.image_token_id = image_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        self.text_config.tie_word_embeddings = tie_word_embeddings
+        self.initializer_range = initializer_range
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs.setdefault(key, getattr(self.text_config, key))
+        super().__init__(**kwargs)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.qformer_config.num_query_tokens
