@@ -1,0 +1,365 @@
+"""VisualGLM-6B for transformers 5.x: EVA ViT-g → ln_vision → Q-Former → glm_proj → ChatGLM-6B.
+
+Implements THUDM's VisualGLM-6B (https://github.com/THUDM/VisualGLM-6B @e314fb9, SwissArmyTransformer
+0.4.12 ``VisualGLMModel`` and the HF ``ChatGLMForConditionalGenerationWithImage`` of THUDM/visualglm-6b)
+as a composition of the shared blocks. BLIP-2: Li et al. 2023, https://arxiv.org/abs/2301.12597;
+GLM: Du et al. 2022, https://arxiv.org/abs/2103.10360.
+
+Deliberate differences from the originals:
+- Images are marked by runs of ``config.image_token_id`` (a dedicated ``<image>`` id) and spliced with
+  ``masked_scatter`` (LLaVA style), so batches may mix rows with and without images, with left padding.
+- Batch-first tensors, transformers ``Cache`` objects, attention through ``ALL_ATTENTION_FUNCTIONS``.
+- ChatGLM's 2D positions are recomputed from the full sequence at every generation step (the generic
+  ``position_ids + 1`` update of ``generate`` is wrong for GLM, whose first row stays at the mask position).
+- ``InvalidScoreLogitsProcessor`` forces ``<eop>`` on a row whose scores contain NaN/+inf, without a host
+  sync; THUDM's version forced token id 5 and also fired on the ``-inf`` that ``min_length`` writes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from queue import Queue
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import ModelOutput
+
+from .chatglm import ChatGLMModel, chatglm_position_ids
+from .configuration_visualglm import VisualGLMConfig
+from .eva_vit import EvaVisionModel
+from .processing_visualglm import VisualGLMImageProcessor, build_visualglm_inputs, process_response
+from .qformer import QFormerModel
+
+
+@dataclass
+class VisualGLMCausalLMOutputWithPast(ModelOutput):
+    """``logits`` (B, T, V); ``image_hidden_states`` (N_images, 32, H_text) when images were encoded."""
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[object] = None
+    hidden_states: Optional[tuple] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    """Guards fp16 overflow: a row whose scores hold NaN or +inf gets all its mass on ``eos_token_id``.
+
+    Branch-free (``torch.where``), so it adds no host sync to the decode step. ``-inf`` is legitimate
+    (``min_length``, top-k) and is left alone.
+    """
+
+    def __init__(self, eos_token_id: int):
+        self.eos_token_id = int(eos_token_id)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bad = (torch.isnan(scores) | (scores == float("inf"))).any(dim=-1, keepdim=True)  # (B, 1)
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.eos_token_id] = 0.0
+        return torch.where(bad, forced, scores)
+
+
+class VisualGLMPreTrainedModel(PreTrainedModel):
+    config_class = VisualGLMConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # the ChatGLM prefix-LM mask (bidirectional up to <sop>) is not expressible to flash-attention kernels
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        # only glm_proj and lm_head live here: sub-models initialise their own parameters
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixin):
+    """VisualGLM-6B with a language-modeling head.
+
+    forward: ``input_ids`` (B, T) with each image as a run of ``config.num_image_tokens`` ×
+    ``config.image_token_id``; ``pixel_values`` (N_images, 3, S, S) for the images in order of appearance
+    → ``logits`` (B, T, V).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "language_model.word_embeddings.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: VisualGLMConfig):
+        super().__init__(config)
+        self.vision_model = EvaVisionModel(config.vision_config)
+        self.qformer = QFormerModel(config.qformer_config)
+        self.glm_proj = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = ChatGLMModel(config.text_config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    # --- embeddings -------------------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.language_model
+
+    # --- images -----------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """(N, 3, S, S) → (N, num_image_tokens, H_text): tower (+ ln_vision) → Q-Former → glm_proj."""
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (N, 1+P, H_vit)
+        query_output = self.qformer(encoder_hidden_states=image_embeds).last_hidden_state  # (N, Q, H_q)
+        return self.glm_proj(query_output.to(self.glm_proj.weight.dtype))
+
+    def _check_prefill(self, input_ids, image_mask, num_images, need_positions):
+        """One host sync per prefill: placeholder count and (when positions are derived) GLM specials."""
+        text_cfg = self.config.text_config
+        checks = [image_mask.sum()]
+        if need_positions:
+            has_sop = (input_ids == text_cfg.bos_token_id).any(-1)
+            has_mask = ((input_ids == text_cfg.gmask_token_id) | (input_ids == text_cfg.mask_token_id)).any(-1)
+            checks += [has_sop.long(), has_mask.long()]
+            values = torch.cat([checks[0].view(1), checks[1], checks[2]]).tolist()
+            n_placeholders, b = values[0], input_ids.shape[0]
+            sop_ok, mask_ok = values[1 : 1 + b], values[1 + b :]
+            for row in range(b):
+                if not sop_ok[row]:
+                    raise ValueError(
+                        f"row {row} of input_ids has no <sop> (id {text_cfg.bos_token_id}): ChatGLM inputs end with "
+                        "[gMASK], <sop>; build them with the processor or tokenizer.build_inputs_with_special_tokens"
+                    )
+                if not mask_ok[row]:
+                    raise ValueError(
+                        f"row {row} of input_ids has neither [gMASK] (id {text_cfg.gmask_token_id}) nor [MASK] "
+                        f"(id {text_cfg.mask_token_id}): ChatGLM needs one to place its 2D positions"
+                    )
+        else:
+            n_placeholders = int(checks[0])
+        expected = num_images * self.config.num_image_tokens
+        if n_placeholders != expected:
+            raise ValueError(
+                f"input_ids hold {n_placeholders} image placeholders (id {self.config.image_token_id}) but "
+                f"{num_images} image(s) need {expected} ({self.config.num_image_tokens} each); each image must be "
+                f"one run of {self.config.num_image_tokens} placeholders and pixel_values must hold exactly the "
+                "images in order of appearance"
+            )
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> VisualGLMCausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        image_features = None
+        image_mask = None
+        if inputs_embeds is None:
+            image_mask = input_ids == self.config.image_token_id  # (B, T)
+            # the placeholder id may lie outside the embedding table: never look it up
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+            if is_prefill:
+                num_images = 0 if pixel_values is None else pixel_values.shape[0]
+                self._check_prefill(input_ids, image_mask, num_images, need_positions=position_ids is None)
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+            if position_ids is None and is_prefill:
+                position_ids = chatglm_position_ids(input_ids, attention_mask, self.config.text_config)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values need input_ids (their placeholders say where the images go)")
+        if position_ids is None:
+            raise ValueError(
+                "position_ids are required with inputs_embeds or a non-empty cache: compute them with "
+                "chatglm_position_ids(full_input_ids, attention_mask, config.text_config) (generate() does this)"
+            )
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            if image_mask is not None:
+                labels = labels.masked_fill(image_mask, -100)  # image positions are never supervised
+            shift_logits = logits[:, :-1, :].float()
+            shift_labels = labels[:, 1:].to(shift_logits.device)
+            loss = nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+            )
+
+        return VisualGLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=image_features,
+        )
+
+    # --- generation hooks -------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        # generate() tracks 1-D positions (+1 per step); GLM's are 2-D with row 0 frozen at the mask
+        # position, so they are derived from the full sequence instead (tensor ops only, no host sync).
+        kwargs.pop("position_ids", None)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+        )
+        if model_inputs.get("input_ids") is not None:
+            full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+            positions = chatglm_position_ids(input_ids, full_mask, self.config.text_config)
+            model_inputs["position_ids"] = positions[..., -model_inputs["input_ids"].shape[1] :]
+        return model_inputs
+
+    def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, **kwargs):
+        # the language model builds its own prefix-LM mask from the 2-D padding mask and positions
+        return attention_mask
+
+    # --- chat -------------------------------------------------------------------------------------
+    def _chat_inputs(self, tokenizer, image, query, history, english):
+        ids = build_visualglm_inputs(
+            tokenizer,
+            query,
+            history=history,
+            has_image=image is not None,
+            num_image_tokens=self.config.num_image_tokens,
+            english=english,
+        )
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pixel_values = None
+        if image is not None:
+            processor = VisualGLMImageProcessor(size=self.config.vision_config.image_size)
+            pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+            pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.dtype)
+        return input_ids, pixel_values
+
+    def _chat_gen_kwargs(self, tokenizer, logits_processor, gen_kwargs):
+        # THUDM's HF chat() defaults (visualglm-6b modeling_chatglm.py), overridable per call
+        defaults = dict(max_length=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100, temperature=0.8,
+                        repetition_penalty=1.2)
+        if "max_new_tokens" in gen_kwargs:
+            defaults.pop("max_length")
+        defaults.update(gen_kwargs)
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.append(InvalidScoreLogitsProcessor(self.config.text_config.eos_token_id))
+        defaults["logits_processor"] = processors
+        defaults.setdefault("eos_token_id", self.config.text_config.eos_token_id)
+        defaults.setdefault("pad_token_id", tokenizer.pad_token_id)
+        return defaults
+
+    @staticmethod
+    def _check_history(history):
+        if history is None:
+            return []
+        if not isinstance(history, (list, tuple)):
+            raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
+        return list(history)
+
+    @torch.no_grad()
+    def chat(self, tokenizer, image, query: str, history=None, logits_processor=None, english=None, **gen_kwargs):
+        """One chat turn. ``image``: a path, a PIL image, or None (text only).
+
+        Returns ``(response, history + [(query, response)])``. Generation defaults are THUDM's (sampling,
+        top_p 0.4, top_k 100, temperature 0.8, repetition_penalty 1.2, max_length 1024, min_length 100);
+        pass e.g. ``do_sample=False, max_new_tokens=64, min_length=0`` to override.
+        """
+        history = self._check_history(history)
+        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, english)
+        kwargs = self._chat_gen_kwargs(tokenizer, logits_processor, gen_kwargs)
+        outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+        response = process_response(tokenizer.decode(outputs[0, input_ids.shape[1] :].tolist(),
+                                                     skip_special_tokens=True))
+        return response, history + [(query, response)]
+
+    @torch.no_grad()
+    def stream_chat(self, tokenizer, image, query: str, history=None, logits_processor=None, english=None,
+                    **gen_kwargs):
+        """Like ``chat`` but yields ``(partial_response, history)`` after every generated token."""
+        history = self._check_history(history)
+        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, english)
+        kwargs = self._chat_gen_kwargs(tokenizer, logits_processor, gen_kwargs)
+        streamer = _TokenQueueStreamer()
+        errors = []
+
+        def run():
+            try:
+                self.generate(input_ids=input_ids, pixel_values=pixel_values, streamer=streamer, **kwargs)
+            except BaseException as exc:  # re-raised in the consumer thread
+                errors.append(exc)
+            finally:
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        tokens: list[int] = []
+        for new_tokens in streamer:
+            tokens.extend(new_tokens)
+            response = process_response(tokenizer.decode(tokens, skip_special_tokens=True))
+            yield response, history + [(query, response)]
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+class _TokenQueueStreamer(BaseStreamer):
+    """Hands each step's new token ids of a batch-1 ``generate`` to a consumer thread."""
+
+    _END = object()
+
+    def __init__(self):
+        self.queue: Queue = Queue()
+        self.skip = True  # generate() first puts the prompt
+        self.ended = False
+
+    def put(self, value):
+        if self.skip:
+            self.skip = False
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        if not self.ended:
+            self.ended = True
+            self.queue.put(self._END)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            yield item
