@@ -29,7 +29,7 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 
-from .chatglm import ChatGLMModel, chatglm_position_ids
+from .chatglm import ChatGLMModel, chatglm_position_ids, check_chatglm_prompt
 from .configuration_visualglm import VisualGLMConfig
 from .eva_vit import EvaVisionModel
 from .processing_visualglm import VisualGLMImageProcessor, build_visualglm_inputs, process_response
@@ -128,30 +128,9 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         query_output = self.qformer(encoder_hidden_states=image_embeds).last_hidden_state  # (N, Q, H_q)
         return self.glm_proj(query_output.to(self.glm_proj.weight.dtype))
 
-    def _check_prefill(self, input_ids, image_mask, num_images, need_positions):
-        """One host sync per prefill: placeholder count and (when positions are derived) GLM specials."""
-        text_cfg = self.config.text_config
-        checks = [image_mask.sum()]
-        if need_positions:
-            has_sop = (input_ids == text_cfg.bos_token_id).any(-1)
-            has_mask = ((input_ids == text_cfg.gmask_token_id) | (input_ids == text_cfg.mask_token_id)).any(-1)
-            checks += [has_sop.long(), has_mask.long()]
-            values = torch.cat([checks[0].view(1), checks[1], checks[2]]).tolist()
-            n_placeholders, b = values[0], input_ids.shape[0]
-            sop_ok, mask_ok = values[1 : 1 + b], values[1 + b :]
-            for row in range(b):
-                if not sop_ok[row]:
-                    raise ValueError(
-                        f"row {row} of input_ids has no <sop> (id {text_cfg.bos_token_id}): ChatGLM inputs end with "
-                        "[gMASK], <sop>; build them with the processor or tokenizer.build_inputs_with_special_tokens"
-                    )
-                if not mask_ok[row]:
-                    raise ValueError(
-                        f"row {row} of input_ids has neither [gMASK] (id {text_cfg.gmask_token_id}) nor [MASK] "
-                        f"(id {text_cfg.mask_token_id}): ChatGLM needs one to place its 2D positions"
-                    )
-        else:
-            n_placeholders = int(checks[0])
+    def _check_image_count(self, image_mask, num_images):
+        """One host sync per prefill: the placeholders must hold exactly the given images."""
+        n_placeholders = int(image_mask.sum())
         expected = num_images * self.config.num_image_tokens
         if n_placeholders != expected:
             raise ValueError(
@@ -186,12 +165,12 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             # the placeholder id may lie outside the embedding table: never look it up
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
             if is_prefill:
-                num_images = 0 if pixel_values is None else pixel_values.shape[0]
-                self._check_prefill(input_ids, image_mask, num_images, need_positions=position_ids is None)
+                self._check_image_count(image_mask, 0 if pixel_values is None else pixel_values.shape[0])
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
             if position_ids is None and is_prefill:
+                check_chatglm_prompt(input_ids, attention_mask, self.config.text_config)
                 position_ids = chatglm_position_ids(input_ids, attention_mask, self.config.text_config)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (their placeholders say where the images go)")
