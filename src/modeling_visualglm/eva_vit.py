@@ -1,0 +1,218 @@
+"""EVA-CLIP ViT vision tower as used by BLIP-2 style models (VisualGLM-6B, MiniGPT-4).
+
+Implements the EVA ViT-g/14 encoder of EVA-CLIP (Fang et al. 2022, https://arxiv.org/abs/2211.07636;
+Sun et al. 2023, https://arxiv.org/abs/2303.15389) in the configuration BLIP-2 (Li et al. 2023,
+https://arxiv.org/abs/2301.12597) feeds to its Q-Former: the last of the 40 blocks dropped, followed by
+BLIP-2's ``ln_vision`` LayerNorm. Matches the SwissArmyTransformer ``ViTModel`` that
+THUDM/VisualGLM-6B @e314fb9 ``model/blip2.py`` (``EVAViT``) builds with sat 0.4.12
+(``sat/model/official/vit_model.py``, ``sat/model/transformer.py``): patch Conv2d → [CLS, patches]
+→ learned positions → pre-LN blocks with a fused, blocked [Q; K; V] projection → ``ln_vision``.
+
+Parameter names follow SAT (``query_key_value``, ``dense``, ``dense_h_to_4h``, ...) so SAT checkpoints
+convert by renaming alone (docs/architecture.md).
+
+Deliberate differences from the originals:
+- ``ln_vision`` lives inside the tower as ``post_layernorm`` (eps ``config.post_layernorm_eps``, 1e-5 as
+  ``nn.LayerNorm``'s default upstream) instead of in a separate mixin.
+- No position-embedding interpolation: every original caller runs at the training resolution, so a
+  different image size is an error instead of a silent resample.
+- Attention goes through transformers' ``ALL_ATTENTION_FUNCTIONS`` (SDPA by default); no dropout,
+  drop-path or classifier head (inference and fine-tuning of the released checkpoints never use them).
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention import eager_attention_forward
+from .configuration_blocks import EvaVisionConfig
+
+
+class EvaVisionEmbeddings(nn.Module):
+    """Patch embedding + CLS token + learned absolute positions.
+
+    (B, C, S, S) → (B, 1 + N, H) with N = (S / patch_size)², CLS first, patches row-major.
+    """
+
+    def __init__(self, config: EvaVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        # SAT keeps the CLS vector as a 1-row word-embedding table (vocab_size 1); stored here as [1, H]
+        # so the checkpoint tensor loads unchanged.
+        self.cls_embedding = nn.Parameter(torch.empty(1, config.hidden_size))
+        self.position_embedding = nn.Parameter(torch.empty(config.num_patches + 1, config.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patch_embeds = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, H, g, g)
+        patch_embeds = patch_embeds.flatten(2).transpose(1, 2)  # (B, N, H), row-major over the grid
+        if patch_embeds.shape[1] + 1 != self.position_embedding.shape[0]:
+            raise ValueError(
+                f"pixel_values of size {tuple(pixel_values.shape[-2:])} give {patch_embeds.shape[1]} patches, but the "
+                f"tower has positions for {self.position_embedding.shape[0] - 1} "
+                f"({self.config.image_size}px, patch {self.config.patch_size}); resize images to the model's image_size"
+            )
+        cls = self.cls_embedding.to(patch_embeds.dtype).expand(patch_embeds.shape[0], 1, -1)  # (B, 1, H)
+        embeddings = torch.cat([cls, patch_embeds], dim=1)  # (B, 1+N, H)
+        return embeddings + self.position_embedding.to(embeddings.dtype)
+
+
+class EvaAttention(nn.Module):
+    """Full (unmasked) multi-head self-attention with a fused, blocked [Q; K; V] projection.
+
+    (B, T, H) → (B, T, H).
+    """
+
+    def __init__(self, config: EvaVisionConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.attention_dropout = config.attention_dropout
+        # SAT builds qkv with bias = use_bias or use_qkv_bias, so the EVA checkpoints carry a full
+        # [3H] bias including a K slice (zero in EVA-CLIP, but loaded and applied as stored).
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        # Blocked layout: rows [0, H) are Q, [H, 2H) K, [2H, 3H) V; heads split inside each block.
+        qkv = self.query_key_value(hidden_states).view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, T, 3, nh, hd)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )  # (B, T, nh, hd)
+        return self.dense(attn_output.reshape(batch_size, seq_len, -1))
+
+
+class EvaMLP(nn.Module):
+    """dense_h_to_4h → activation (exact erf GELU for EVA) → dense_4h_to_h."""
+
+    def __init__(self, config: EvaVisionConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(hidden_states)))
+
+
+class EvaVisionLayer(GradientCheckpointingLayer):
+    """Pre-LN transformer block: x += Attn(LN1 x); x += MLP(LN2 x). (B, T, H) → (B, T, H).
+
+    The two sub-layer branches are separate methods so that the EVA2-CLIP-E variant (CogVLM), which
+    layer-norms each branch's output before the residual instead of its input, can be added as a
+    variant of this block without touching the residual structure.
+    """
+
+    def __init__(self, config: EvaVisionConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = EvaAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = EvaMLP(config)
+
+    def attention_branch(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.attention(self.input_layernorm(hidden_states), **kwargs)
+
+    def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention_branch(hidden_states, **kwargs)
+        return hidden_states + self.mlp_branch(hidden_states)
+
+
+class EvaVisionPreTrainedModel(PreTrainedModel):
+    config_class = EvaVisionConfig
+    base_model_prefix = ""
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EvaVisionLayer", "EvaVisionEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, EvaVisionEmbeddings):
+            # Conv2d is reached on its own by the recursion; only the bare parameters need care here.
+            init.normal_(module.cls_embedding, mean=0.0, std=std)
+            init.normal_(module.position_embedding, mean=0.0, std=std)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class EvaVisionModel(EvaVisionPreTrainedModel):
+    """EVA ViT tower (+ BLIP-2 ``ln_vision`` as ``post_layernorm``).
+
+    forward: ``pixel_values`` (B, C, S, S) → ``last_hidden_state`` (B, 1 + N, H), CLS first, after
+    ``post_layernorm`` when ``config.use_post_layernorm``; ``hidden_states`` (embeddings + every block's
+    output, before ``post_layernorm``) when ``output_hidden_states``.
+    """
+
+    def __init__(self, config: EvaVisionConfig):
+        super().__init__(config)
+        self.embeddings = EvaVisionEmbeddings(config)
+        self.layers = nn.ModuleList([EvaVisionLayer(config) for _ in range(config.num_hidden_layers)])
+        # BLIP-2's ln_vision is a plain nn.LayerNorm (eps 1e-5), unlike the blocks (1e-6).
+        self.post_layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.post_layernorm_eps) if config.use_post_layernorm else None
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        kwargs.pop("return_dict", None)
+
+        hidden_states = self.embeddings(pixel_values)  # (B, 1+N, H)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+
+        if self.post_layernorm is not None:
+            hidden_states = self.post_layernorm(hidden_states)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+
+__all__ = ["EvaVisionPreTrainedModel", "EvaVisionModel"]
