@@ -32,7 +32,8 @@ from transformers.modeling_outputs import ModelOutput
 from .chatglm import ChatGLMModel, chatglm_position_ids, check_chatglm_prompt
 from .configuration_visualglm import VisualGLMConfig
 from .eva_vit import EvaVisionModel
-from .processing_visualglm import VisualGLMImageProcessor, build_visualglm_inputs, process_response
+from .image_processing_visualglm import VisualGLMImageProcessor
+from .processing_visualglm import build_visualglm_inputs, process_response
 from .qformer import QFormerModel
 
 
