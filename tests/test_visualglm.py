@@ -247,3 +247,17 @@ def test_chat_bad_inputs(model, tiny_tokenizer, tmp_path):
         model.chat(tiny_tokenizer, make_image(9), "What?", history="not a list", max_new_tokens=2, min_length=0)
     with pytest.raises((TypeError, ValueError)):
         model.chat(tiny_tokenizer, make_image(9), "What?", history=[("only one",)], max_new_tokens=2, min_length=0)
+
+
+def test_chat_never_samples_undecodable_ids(tiny_tokenizer):
+    # an embedding table larger than the tokenizer, like the real 130528 rows for 130344 pieces
+    cfg = tiny_visualglm_config(tiny_tokenizer, vocab_size=tiny_tokenizer.vocab_size + 40)
+    m = VisualGLMForConditionalGeneration(cfg).eval()
+    randomize_(m, seed=3)
+    with torch.no_grad():  # make the extra rows win every argmax unless they are masked
+        m.lm_head.weight[tiny_tokenizer.vocab_size :] = m.lm_head.weight[: 40] * 50
+    ids = build_visualglm_inputs(tiny_tokenizer, "Hi?", has_image=False, num_image_tokens=cfg.num_image_tokens)
+    raw = m.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=4, min_length=0, eos_token_id=None)
+    assert (raw[0, len(ids) :] >= tiny_tokenizer.vocab_size).any()  # the unmasked model does pick them
+    response, _ = m.chat(tiny_tokenizer, None, "Hi?", do_sample=False, max_new_tokens=4, min_length=0)
+    assert isinstance(response, str)

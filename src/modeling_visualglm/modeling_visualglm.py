@@ -65,6 +65,20 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return torch.where(bad, forced, scores)
 
 
+class TokenRangeLogitsProcessor(LogitsProcessor):
+    """Never sample ids the tokenizer cannot decode: the real checkpoint has 130528 embedding rows for
+    130344 SentencePiece pieces (ChatGLM-6B issue #987), and the ``<image>`` placeholder sits at 130344."""
+
+    def __init__(self, num_decodable: int):
+        self.num_decodable = int(num_decodable)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] <= self.num_decodable:
+            return scores
+        return scores.index_fill(-1, torch.arange(self.num_decodable, scores.shape[-1], device=scores.device),
+                                 -float("inf"))
+
+
 class VisualGLMPreTrainedModel(PreTrainedModel):
     config_class = VisualGLMConfig
     base_model_prefix = ""
@@ -256,6 +270,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             defaults.pop("max_length")
         defaults.update(gen_kwargs)
         processors = LogitsProcessorList(logits_processor or [])
+        processors.append(TokenRangeLogitsProcessor(tokenizer.vocab_size))
         processors.append(InvalidScoreLogitsProcessor(self.config.text_config.eos_token_id))
         defaults["logits_processor"] = processors
         defaults.setdefault("eos_token_id", self.config.text_config.eos_token_id)
