@@ -23,3 +23,4 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from modeling_visualglm.tokenization_chatglm import ChatGLMTokenizer
 
     return ChatGLMTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+

@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+
+from helpers import enable_checkpointing
 from transformers import DynamicCache, StaticCache
 
 from modeling_visualglm.chatglm import (
@@ -313,7 +315,7 @@ def test_gradient_checkpointing_backward():
     for checkpointing in (False, True):
         model = build_model(seed=21).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model)
             assert all(layer.gradient_checkpointing for layer in model.layers)
         out = model(ids, attention_mask=attn, use_cache=False).last_hidden_state
         (out[attn.bool()] ** 2).mean().backward()

@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+
+from helpers import enable_checkpointing
 from torch import nn
 
 from modeling_visualglm.configuration_blocks import EvaVisionConfig
@@ -258,7 +260,7 @@ def test_gradient_checkpointing_matches_plain_backward():
     for checkpointing in (False, True):
         m = copy.deepcopy(model).train()
         if checkpointing:
-            m.activation_checkpointing_enable()
+            enable_checkpointing(m)
             assert all(layer.gradient_checkpointing for layer in m.layers)
         m(pixel_values=x).last_hidden_state.square().mean().backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})

@@ -7,6 +7,8 @@ Tiny, seeded, float32, every parameter random (LayerNorm weights and biases too)
 import copy
 
 import torch
+
+from helpers import enable_checkpointing
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -269,7 +271,7 @@ def test_gradient_checkpointing_matches_plain_backward():
     for checkpointing in (False, True):
         m = copy.deepcopy(model).train()
         if checkpointing:
-            m.activation_checkpointing_enable()
+            enable_checkpointing(m)
             assert all(layer.gradient_checkpointing for layer in m.layers)
         x = enc.clone().requires_grad_(True)
         m(encoder_hidden_states=x).last_hidden_state.square().mean().backward()

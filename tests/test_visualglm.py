@@ -261,3 +261,19 @@ def test_chat_never_samples_undecodable_ids(tiny_tokenizer):
     assert (raw[0, len(ids) :] >= tiny_tokenizer.vocab_size).any()  # the unmasked model does pick them
     response, _ = m.chat(tiny_tokenizer, None, "Hi?", do_sample=False, max_new_tokens=4, min_length=0)
     assert isinstance(response, str)
+
+
+def test_static_cache_generate_equals_dynamic(model, tiny_tokenizer):
+    cfg = model.config
+    rows = [build_visualglm_inputs(tiny_tokenizer, q, has_image=True, num_image_tokens=cfg.num_image_tokens)
+            for q in ("What is shown?", "Describe the colours of everything")]
+    width = max(map(len, rows))
+    pad = cfg.text_config.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pv = pixel(model, make_image(10), make_image(11))
+    kw = dict(input_ids=input_ids, attention_mask=mask, pixel_values=pv, do_sample=False, max_new_tokens=6,
+              min_length=0, eos_token_id=None)
+    dynamic = model.generate(**kw)
+    static = model.generate(**kw, cache_implementation="static")
+    assert torch.equal(dynamic, static)

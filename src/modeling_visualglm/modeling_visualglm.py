@@ -240,9 +240,17 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             model_inputs["position_ids"] = positions[..., -model_inputs["input_ids"].shape[1] :]
         return model_inputs
 
-    def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, **kwargs):
-        # the language model builds its own prefix-LM mask from the 2-D padding mask and positions
-        return attention_mask
+    def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
+                                  **kwargs):
+        # The language model builds its own prefix-LM mask from the 2-D padding mask and positions. For
+        # compileable (static) caches the padding mask is widened to the cache length so every decode step
+        # has the same input shapes (no recompilation); the unused tail is never attended.
+        if attention_mask is None or attention_mask.ndim != 2 or not getattr(past_key_values, "is_compileable", False):
+            return attention_mask
+        max_len = past_key_values.get_mask_sizes(1, 0)[0]  # a static cache's key length is its capacity
+        if attention_mask.shape[1] >= max_len:
+            return attention_mask
+        return nn.functional.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
     # --- chat -------------------------------------------------------------------------------------
     def _chat_inputs(self, tokenizer, image, query, history, english):

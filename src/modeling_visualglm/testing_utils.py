@@ -16,10 +16,11 @@ def tiny_visualglm_config(tokenizer=None, *, image_size: int = 56, vocab_size: i
     text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                 max_position_embeddings=512)
     if tokenizer is not None:
-        # the <image> placeholder id is the first id after the SentencePiece pieces: the embedding table
-        # covers every SentencePiece id, the placeholder is masked before the lookup
+        # the <image> placeholder id is the first id after the SentencePiece pieces. Like the real
+        # checkpoint (130528 rows for 130344 pieces + <image> at 130344) the table has a row for it: it is
+        # never looked up, but transformers < 5.2x's repetition penalty gathers scores at every prompt id.
         text.update(
-            vocab_size=vocab_size or tokenizer.image_token_id,
+            vocab_size=vocab_size or tokenizer.image_token_id + 1,
             bos_token_id=tokenizer.sop_token_id,
             eos_token_id=tokenizer.eop_token_id,
             pad_token_id=tokenizer.pad_token_id,
