@@ -274,9 +274,13 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         # THUDM's HF chat() defaults (visualglm-6b modeling_chatglm.py), overridable per call
         defaults = dict(max_length=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100, temperature=0.8,
                         repetition_penalty=1.2)
-        if "max_new_tokens" in gen_kwargs:
-            defaults.pop("max_length")
         defaults.update(gen_kwargs)
+        if "max_new_tokens" in gen_kwargs and "max_length" not in gen_kwargs:
+            defaults["max_length"] = None  # else generation_config.json's max_length competes with it
+        if not defaults["do_sample"]:  # greedy/beam: sampling knobs would only trigger warnings
+            for key in ("top_p", "top_k", "temperature"):
+                if key not in gen_kwargs:
+                    defaults[key] = None
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(TokenRangeLogitsProcessor(tokenizer.vocab_size))
         processors.append(InvalidScoreLogitsProcessor(self.config.text_config.eos_token_id))
