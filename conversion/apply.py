@@ -1,0 +1,290 @@
+"""The applier: source tensors + a rule table → a checked conversion plan.
+
+``build_plan`` matches every source name against the table and verifies, before any data is read, that
+
+- every source tensor matches exactly one rule (no silent leftovers, no ambiguous tables);
+- multi-source rules find all their members;
+- the produced names are exactly the state-dict keys of the target model, built on the ``meta`` device
+  (minus the weights it ties), and no name is produced twice;
+- every produced shape equals the model's (ops run on ``meta`` tensors to get their output shapes);
+
+and raises one ``ConversionError`` listing every problem. Tied weights (``lm_head`` = word embeddings) are
+decided from the data: a source that stores both bit-equal is written once and stays tied; different
+tensors are both kept and the config is untied.
+
+The resulting ``Plan`` produces the output tensors task by task (``Plan.weight_entries``), which the hub
+writer groups into safetensors shards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import ConversionError
+from .ops import run_op
+from .rules import Rule
+from .sources import TensorInfo, TensorSource
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+@dataclass
+class Task:
+    """One application of a rule: source tensors → target tensors."""
+
+    rule: Rule
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    infos: tuple[TensorInfo, ...] = ()  # of the targets, after the dtype cast
+
+
+@dataclass
+class Plan:
+    format_name: str
+    source: TensorSource
+    config: object
+    model_class: type
+    dtype: torch.dtype | None  # None = keep each tensor's source dtype
+    tasks: list[Task]
+    drops: list[tuple[str, str]]  # (source key, reason)
+    tied: dict[str, str]  # target not written → the target it is tied to
+    tie_note: str = ""
+    rule_counts: dict = field(default_factory=dict)
+    unused_rules: list[Rule] = field(default_factory=list)
+
+    # --- data -----------------------------------------------------------------------------------
+    def compute(self, task: Task) -> dict[str, torch.Tensor]:
+        return compute_task(self.source, task)
+
+    def weight_entries(self) -> list[tuple[tuple[str, ...], int, Callable[[], dict]]]:
+        """(target names, bytes, producer) per task, in the model's state-dict order."""
+        entries = []
+        for task in self.tasks:
+            names = tuple(n for n in task.targets if n not in self.tied)
+            if not names:
+                continue
+            nbytes = sum(i.nbytes for n, i in zip(task.targets, task.infos) if n not in self.tied)
+            entries.append((names, nbytes, lambda task=task, names=names: {
+                k: v for k, v in self.compute(task).items() if k in names}))
+        return entries
+
+    @property
+    def target_infos(self) -> dict[str, TensorInfo]:
+        return {n: i for t in self.tasks for n, i in zip(t.targets, t.infos) if n not in self.tied}
+
+    def main_dtype(self) -> torch.dtype:
+        """The floating dtype holding most bytes (recorded as the config's ``dtype``)."""
+        by_dtype: dict = defaultdict(int)
+        for info in self.target_infos.values():
+            if info.dtype.is_floating_point:
+                by_dtype[info.dtype] += info.nbytes
+        return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+
+    # --- report ---------------------------------------------------------------------------------
+    def coverage_report(self) -> str:
+        infos = self.target_infos
+        n_params = sum(_numel(i.shape) for i in infos.values())
+        lines = [
+            f"Coverage report: {self.format_name} → {self.model_class.__name__}",
+            f"  source: {self.source.description}",
+            f"          {len(self.source)} tensors, {human_bytes(self.source.nbytes)}",
+            "  rules (matched source tensors):",
+        ]
+        for rule, count in self.rule_counts.items():
+            lines.append(f"    {count:6d}  {rule.describe()}")
+        if self.unused_rules:
+            lines.append("  rules that matched nothing (optional tensors absent from this checkpoint):")
+            lines += [f"            {r.describe()}" for r in self.unused_rules]
+        if self.tie_note:
+            lines.append(f"  tied weights: {self.tie_note}")
+        dtypes = sorted({str(i.dtype).replace("torch.", "") for i in infos.values()})
+        lines.append(
+            f"  result: {len(infos)} tensors, {n_params:,} parameters, {human_bytes(sum(i.nbytes for i in infos.values()))}"
+            f" ({', '.join(dtypes)}); every model key produced once, every source tensor used or dropped"
+        )
+        return "\n".join(lines)
+
+
+def compute_task(source: TensorSource, task: Task) -> dict[str, torch.Tensor]:
+    """Read the task's source tensors (memory-mapped), apply its op and dtype cast."""
+    tensors = tuple(source.get(k) for k in task.sources)
+    outs = run_op(task.rule.op, tensors, task.rule.kwargs)
+    result = {}
+    for name, t, info in zip(task.targets, outs, task.infos):
+        if t.dtype != info.dtype:
+            t = t.to(info.dtype)
+        t = t.contiguous()
+        # a view into a larger storage (op outputs, tensors saved as views) would make safetensors refuse the
+        # shard or store the whole storage: give it its own
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        result[name] = t
+    return result
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _meta_model(model_class, config):
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    return expected, tied
+
+
+def set_tie_word_embeddings(config, value: bool):
+    """Set ``tie_word_embeddings`` on the config and every sub-config that has the field."""
+    config.tie_word_embeddings = value
+    for name in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "tie_word_embeddings"):
+            sub.tie_word_embeddings = value
+
+
+def build_plan(
+    source: TensorSource,
+    rules: list[Rule],
+    config,
+    model_class: type,
+    *,
+    format_name: str,
+    dtype: torch.dtype | None = None,
+) -> Plan:
+    """Match, check and plan a conversion; raises ``ConversionError`` listing every problem."""
+    problems: list[str] = []
+    header = f"{source.description} does not convert as {format_name}"
+
+    # 1. every source key matches exactly one rule
+    groups: dict[tuple, dict[int, str]] = defaultdict(dict)
+    rule_counts: dict[Rule, int] = {r: 0 for r in rules}
+    drops: list[tuple[str, str]] = []
+    for key in source.keys():
+        hits = [(r, m) for r in rules if (m := r.match(key)) is not None]
+        info = source.info(key)
+        if not hits:
+            problems.append(f"unexpected source tensor {key!r} {list(info.shape)}: no rule of {format_name} matches it")
+            continue
+        if len(hits) > 1:
+            problems.append(f"source tensor {key!r} matches {len(hits)} rules (ambiguous table): "
+                            + "; ".join(r.describe() for r, _ in hits))
+            continue
+        rule, (member, slots) = hits[0]
+        rule_counts[rule] += 1
+        if rule.is_drop:
+            drops.append((key, rule.reason))
+        else:
+            groups[(rule, tuple(sorted(slots.items())))][member] = key
+
+    # 2. run every rule's op on meta tensors: output names and shapes
+    tasks: list[Task] = []
+    produced: dict[str, tuple[Task, TensorInfo]] = {}
+    failed: set[str] = set()  # targets of groups already reported (not reported again as missing)
+    for (rule, slots), members in groups.items():
+        names = rule.source_names(dict(slots))
+        failed.update(rule.target_names(dict(slots)))
+        if len(members) != len(rule.sources):
+            missing = [names[i] for i in range(len(names)) if i not in members]
+            problems.append(f"rule '{rule.describe()}' needs {missing} together with {sorted(members.values())}")
+            continue
+        keys = tuple(members[i] for i in range(len(rule.sources)))
+        metas = tuple(torch.empty(source.info(k).shape, dtype=source.info(k).dtype, device="meta") for k in keys)
+        try:
+            outs = run_op(rule.op, metas, rule.kwargs)
+        except Exception as e:  # an op refusing a shape is an input problem
+            problems.append(f"{rule.op} cannot convert {list(keys)} {[list(m.shape) for m in metas]}: {e}")
+            continue
+        targets = rule.target_names(dict(slots))
+        if len(outs) != len(targets):
+            problems.append(f"op {rule.op} returned {len(outs)} tensors for {len(targets)} targets {targets}")
+            continue
+        infos = tuple(
+            TensorInfo(tuple(o.shape), dtype if dtype is not None and o.dtype.is_floating_point else o.dtype)
+            for o in outs
+        )
+        task = Task(rule, keys, targets, infos)
+        tasks.append(task)
+        for name, info in zip(targets, infos):
+            if name in produced:
+                problems.append(f"{name!r} is produced twice: from {list(produced[name][0].sources)} and {list(keys)}")
+            else:
+                produced[name] = (task, info)
+
+    # 3. tied weights, decided from the data
+    expected, tied = _meta_model(model_class, config)
+    tied_out: dict[str, str] = {}
+    tie_notes = []
+    for target, tied_to in tied.items():
+        if target not in produced:
+            tie_notes.append(f"{target} = {tied_to} (the source has no separate {target})")
+            tied_out[target] = tied_to
+            continue
+        same = False
+        if tied_to in produced and not problems:
+            (ta, ia), (tb, ib) = produced[target], produced[tied_to]
+            if ia.shape == ib.shape and ia.dtype == ib.dtype:
+                a = compute_task(source, ta)[target]
+                b = compute_task(source, tb)[tied_to]
+                same = torch.equal(a, b)
+        if same:
+            tied_out[target] = tied_to
+            tie_notes.append(f"{target} = {tied_to} (bit-equal in the source: written once, tied)")
+        else:
+            set_tie_word_embeddings(config, False)
+            expected, tied = _meta_model(model_class, config)
+            tie_notes.append(f"{target} kept separate (differs from {tied_to}): tie_word_embeddings=False")
+            break
+
+    # 4. produced names and shapes == the model's state dict
+    for name, (task, info) in produced.items():
+        if name in tied_out:
+            continue
+        if name not in expected:
+            problems.append(f"{list(task.sources)} → {name!r}: {model_class.__name__} has no such parameter")
+        elif expected[name].shape != info.shape:
+            problems.append(
+                f"wrong shape: {name!r} would be {list(info.shape)} (from {list(task.sources)} "
+                f"{[list(source.info(k).shape) for k in task.sources]}) but the model expects {list(expected[name].shape)}"
+            )
+    for name, info in expected.items():
+        if name in produced or name in tied_out or name in failed:
+            continue
+        hint = next((h for r in rules if not r.is_drop and (h := r.invert(name))), None)
+        need = f"source tensor {list(hint) if len(hint) > 1 else hint[0]!r}" if hint else "a source tensor"
+        problems.append(f"missing: {name!r} {list(info.shape)} needs {need}, which the checkpoint lacks")
+
+    if problems:
+        raise ConversionError(problems, header=header)
+
+    order = {k: i for i, k in enumerate(expected)}
+    tasks.sort(key=lambda t: min(order.get(n, len(order)) for n in t.targets))
+    return Plan(
+        format_name=format_name,
+        source=source,
+        config=config,
+        model_class=model_class,
+        dtype=dtype,
+        tasks=tasks,
+        drops=drops,
+        tied=tied_out,
+        tie_note="; ".join(tie_notes),
+        rule_counts={r: c for r, c in rule_counts.items() if c},
+        unused_rules=[r for r, c in rule_counts.items() if not c],
+    )
+

@@ -1,0 +1,289 @@
+"""Lazy, memory-mapped access to the tensors of a source checkpoint.
+
+A ``TensorSource`` maps tensor names to ``(shape, dtype)`` without reading data, and hands out single
+tensors on demand. PyTorch files are opened with ``torch.load(mmap=True, weights_only=True)``: the state dict
+is a set of views onto the file, so only the tensors being converted are paged in (file-backed pages, not
+anonymous memory). safetensors files are read through ``safe_open``.
+
+Pickles are never executed: ``weights_only=True`` refuses every global outside PyTorch's allow-list plus
+the few data-only globals that SAT / DeepSpeed checkpoints contain (see :data:`SAT_SAFE_GLOBALS`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _sat_safe_globals() -> list:
+    """Data-only globals SAT checkpoints may hold besides tensors and containers.
+
+    - SAT's inference save (``sat/training/model_io.py: save_checkpoint``, mode "inference") writes only
+      ``{'module': state_dict}``: nothing beyond PyTorch's defaults.
+    - SAT's DeepSpeed saves (fine-tuning, ``save_ds_checkpoint``) add the client state: ``random.getstate()``
+      (tuples of ints), ``torch.get_rng_state()`` (a tensor) and ``np.random.get_state()``, a tuple holding a
+      numpy ``uint32`` array, which needs numpy's array reconstruction globals. DeepSpeed's own entries
+      (``param_shapes`` of ``torch.Size``, ``ds_config`` dicts, ``ds_version`` strings, sets) are covered by
+      PyTorch's defaults. ``argparse.Namespace`` is deliberately *not* allowed: SAT never pickles its args.
+    The numpy names are registered under both the numpy 1.x (``numpy.core``) and 2.x (``numpy._core``)
+    module paths, since the pickle records the path of the numpy that wrote it.
+    """
+    allowed: list = []
+    try:
+        import numpy as np
+    except ImportError:  # numpy-free installs still read inference checkpoints
+        return allowed
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed += [
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (_reconstruct, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+    ]
+    for scalar in (np.uint32, np.int64, np.float64):
+        dtype_cls = type(np.dtype(scalar))
+        allowed.append((dtype_cls, f"numpy.dtypes.{dtype_cls.__name__}"))
+    return allowed
+
+
+SAT_SAFE_GLOBALS = _sat_safe_globals()
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_torch_file(path: str | os.PathLike, extra_safe_globals: list | None = None):
+    """``torch.load`` a checkpoint memory-mapped, refusing any code in the pickle.
+
+    Raises ``ConversionError`` with a specific message for missing, truncated, non-PyTorch and unsafe files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    allowed = SAT_SAFE_GLOBALS + list(extra_safe_globals or [])
+    is_zip = zipfile.is_zipfile(path)
+    with open(path, "rb") as f:
+        # torch.save's format is a zip archive; one that starts like a zip but has no central directory
+        # (which sits at the end) was cut short
+        looks_zip = f.read(4) == b"PK\x03\x04"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            # files of torch < 1.6 (legacy format) cannot be memory-mapped; they are read into memory
+            return torch.load(path, map_location="cpu", mmap=is_zip, weights_only=True)
+    except Exception as e:  # torch/pickle raise many types for bad files; classify them for the user
+        text = str(e)
+        found = _GLOBAL.search(text)
+        if found or (isinstance(e, pickle.UnpicklingError) and "unsupported" in text.lower()):
+            what = f"the global {found.group(1)}" if found else "an object outside the allow-list"
+            raise ConversionError(
+                f"{path}: refusing to load: the pickle references {what}, which could run code. Only tensors, "
+                "containers and the data-only globals of SAT/DeepSpeed checkpoints are accepted (torch.load "
+                "weights_only=True). Re-save the checkpoint as a plain state dict if you trust it."
+            ) from None
+        msg = f"{type(e).__name__}: " + text.strip().split("\n")[-1][:300]
+        if is_zip or looks_zip:
+            hint = "truncated or corrupt (an incomplete download?)"
+        elif path.stat().st_size < 1024:
+            hint = "not a PyTorch checkpoint (too small)"
+        else:
+            hint = "not a readable PyTorch checkpoint (truncated, corrupt, or another format)"
+        raise ConversionError(f"{path}: {hint}: {msg}") from None
+
+
+class TensorSource:
+    """Name → tensor access over one or more files. Subclasses fill ``self._infos`` and implement ``_load``."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self._infos: dict[str, TensorInfo] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._infos[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._load(key)
+
+    def _load(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+def _check_state_dict(path, sd) -> dict:
+    if not isinstance(sd, dict):
+        raise ConversionError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConversionError(f"{path}: entries that are not tensors: {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    return sd
+
+
+class StateDictSource(TensorSource):
+    """Tensors of in-memory (usually memory-mapped) state dicts, each tagged with the file it came from."""
+
+    def __init__(self, description: str):
+        super().__init__(description)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._files: dict[str, str] = {}
+
+    def add(self, path, state_dict: dict, problems: list[str]):
+        for k, v in _check_state_dict(path, state_dict).items():
+            if k in self._tensors:
+                problems.append(f"tensor {k!r} appears in both {self._files[k]} and {path}")
+                continue
+            self._tensors[k] = v
+            self._files[k] = str(path)
+            self._infos[k] = TensorInfo(tuple(v.shape), v.dtype)
+
+    def file_of(self, key: str) -> str:
+        return self._files[key]
+
+    def _load(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self):
+        self._tensors.clear()
+
+
+def torch_file_source(path: str | os.PathLike, subkey: str | None = None) -> StateDictSource:
+    """One ``.pt``/``.bin`` file; ``subkey`` selects a nested state dict (SAT: ``'module'``)."""
+    obj = load_torch_file(path)
+    if subkey is not None:
+        if not isinstance(obj, dict) or subkey not in obj:
+            found = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+            raise ConversionError(f"{path}: expected a dict with key {subkey!r}, found {found}")
+        obj = obj[subkey]
+    src = StateDictSource(str(path))
+    problems: list[str] = []
+    src.add(path, obj, problems)
+    if problems:
+        raise ConversionError(problems, header=f"cannot read {path}")
+    return src
+
+
+def read_index(index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index_path}: not a valid shard index ({e})") from None
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index_path}: 'weight_map' is not a mapping")
+    return weight_map
+
+
+def sharded_torch_source(folder: Path, index_name: str, single_name: str) -> StateDictSource:
+    """``pytorch_model-0000k-of-0000N.bin`` shards listed in ``index_name``, or the single ``single_name``.
+
+    Every shard is opened memory-mapped; the index must agree with the shards' contents.
+    """
+    folder = Path(folder)
+    index_path = folder / index_name
+    if index_path.is_file():
+        weight_map = read_index(index_path)
+        shards = sorted(set(weight_map.values()))
+    elif (folder / single_name).is_file():
+        weight_map, shards = None, [single_name]
+    else:
+        raise ConversionError(f"{folder}: neither {index_name} nor {single_name} found")
+    src = StateDictSource(str(folder))
+    problems: list[str] = []
+    for shard in shards:
+        path = folder / shard
+        if not path.is_file():
+            problems.append(f"{index_name} lists {shard}, which is missing")
+            continue
+        try:
+            src.add(path, load_torch_file(path), problems)
+        except ConversionError as e:
+            problems.extend(e.problems)
+    if weight_map is not None and not problems:
+        for k, shard in weight_map.items():
+            if k not in src:
+                problems.append(f"{index_name} maps {k!r} to {shard}, which does not contain it")
+            elif Path(src.file_of(k)).name != shard:
+                problems.append(f"{index_name} maps {k!r} to {shard}, but it is in {Path(src.file_of(k)).name}")
+        for k in src.keys():
+            if k not in weight_map:
+                problems.append(f"{Path(src.file_of(k)).name} holds {k!r}, which {index_name} does not list")
+    if problems:
+        raise ConversionError(problems, header=f"cannot read the checkpoint in {folder}")
+    return src
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsSource(TensorSource):
+    """One or more ``.safetensors`` files, read tensor by tensor through ``safe_open``."""
+
+    def __init__(self, files: list[Path], description: str):
+        from safetensors import safe_open
+
+        super().__init__(description)
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        problems = []
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                problems.append(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}")
+                continue
+            self._handles[path] = handle
+            for k in handle.keys():
+                if k in self._where:
+                    problems.append(f"tensor {k!r} appears in both {self._where[k]} and {path}")
+                    continue
+                sl = handle.get_slice(k)
+                self._where[k] = path
+                self._infos[k] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()])
+        if problems:
+            raise ConversionError(problems, header=f"cannot read {description}")
+
+    def _load(self, key: str) -> torch.Tensor:
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def close(self):
+        self._handles.clear()

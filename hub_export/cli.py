@@ -1,0 +1,59 @@
+"""``visualglm-export``: check or upload a hub folder (CONTRACTS §3).
+
+    visualglm-export check --folder DIR [--dtype float32] [--device cpu]
+    visualglm-export push  --folder DIR --repo-id ORG/NAME [--private] [--revision R] [--commit-message M]
+
+Exit codes: 0 success, 1 the folder failed the check / the upload failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROG = "visualglm-export"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Check or upload a converted hub folder.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="load the folder with trust_remote_code in a fresh interpreter and chat once")
+    c.add_argument("--folder", required=True)
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--query", default="Describe the image.")
+    u = sub.add_parser("push", help="upload the folder to the Hugging Face Hub (creates the repo if needed)")
+    u.add_argument("--folder", required=True)
+    u.add_argument("--repo-id", required=True, help="ORG/NAME")
+    u.add_argument("--private", action="store_true")
+    u.add_argument("--revision", help="branch to commit to (created if needed)")
+    u.add_argument("--commit-message")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        from .check import check_folder
+
+        return check_folder(args.folder, dtype=args.dtype, device=args.device, query=args.query)
+    from .push import PushError, push_folder
+
+    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
+        parser.error(f"--repo-id must look like ORG/NAME, got {args.repo_id!r}")
+    try:
+        url = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                          commit_message=args.commit_message)
+    except PushError as e:
+        print(f"{PROG}: push refused: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # network / hub errors: one line, not a traceback
+        print(f"{PROG}: push failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""What a hub folder of each model family contains: classes, code entry points, chat defaults, card facts.
+
+A family names its classes by module (inside ``src/modeling_visualglm``) and class name; the writer imports
+them only to build configs, tokenizers and processors, and copies the import closure of the listed modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+PACKAGE = "modeling_visualglm"
+
+
+def package_dir() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{PACKAGE} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@dataclass(frozen=True)
+class ClassRef:
+    module: str  # module name inside the package, e.g. "modeling_visualglm"
+    name: str
+
+    def load(self):
+        return getattr(importlib.import_module(f"{PACKAGE}.{self.module}"), self.name)
+
+    @property
+    def auto_map_value(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model: ClassRef
+    config: ClassRef
+    tokenizer: ClassRef
+    processor: ClassRef | None
+    image_processor: ClassRef | None
+    # generation_config.json: the original chat defaults; token ids are filled from the tokenizer/config
+    generation_defaults: dict
+    base_model: str
+    license: str
+    license_name: str | None = None
+    license_link: str | None = None
+    tags: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()
+    title: str = ""
+    summary: str = ""
+    example_query: str = "Describe the image."
+    extra_card: str = ""
+    # constructor keyword arguments that depend on the model config
+    image_processor_kwargs: Callable[[object], dict] = lambda config: {}
+    processor_kwargs: Callable[[object], dict] = lambda config: {}
+    model_auto_classes: tuple[str, ...] = field(
+        default=("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"))
+
+    def code_modules(self) -> list[str]:
+        refs = [self.model, self.config, self.tokenizer, self.processor, self.image_processor]
+        return [r.module for r in refs if r is not None]
+
+    def config_auto_map(self) -> dict:
+        auto = {"AutoConfig": self.config.auto_map_value}
+        for key in self.model_auto_classes:
+            auto[key] = self.model.auto_map_value
+        if self.processor is not None:
+            auto["AutoProcessor"] = self.processor.auto_map_value
+        if self.image_processor is not None:
+            auto["AutoImageProcessor"] = self.image_processor.auto_map_value
+        return auto
+
+
+VISUALGLM = Family(
+    name="visualglm",
+    model=ClassRef("modeling_visualglm", "VisualGLMForConditionalGeneration"),
+    config=ClassRef("configuration_visualglm", "VisualGLMConfig"),
+    tokenizer=ClassRef("tokenization_chatglm", "ChatGLMTokenizer"),
+    processor=ClassRef("processing_visualglm", "VisualGLMProcessor"),
+    image_processor=ClassRef("image_processing_visualglm", "VisualGLMImageProcessor"),
+    # THUDM's HF chat()/stream_chat() defaults (visualglm-6b modeling_chatglm.py; spec §2.4)
+    generation_defaults=dict(max_length=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100,
+                             temperature=0.8, repetition_penalty=1.2),
+    base_model="THUDM/visualglm-6b",
+    license="other",
+    license_name="visualglm-6b-model-license",
+    license_link="https://github.com/THUDM/VisualGLM-6B/blob/main/MODEL_LICENSE.txt",
+    tags=("visualglm", "chatglm", "blip-2", "multimodal"),
+    languages=("zh", "en"),
+    title="VisualGLM-6B",
+    summary=(
+        "VisualGLM-6B (THUDM): an EVA-CLIP ViT-g image encoder and a BLIP-2 Q-Former feeding 32 image tokens "
+        "into ChatGLM-6B. This folder is a transformers 5.x `trust_remote_code` re-implementation with the "
+        "original weights converted to safetensors."
+    ),
+    example_query="描述这张图片。",
+    image_processor_kwargs=lambda config: {"size": config.vision_config.image_size},
+    processor_kwargs=lambda config: {"num_image_tokens": config.num_image_tokens},
+)
+
+FAMILIES = {f.name: f for f in (VISUALGLM,)}
