@@ -277,3 +277,35 @@ def test_static_cache_generate_equals_dynamic(model, tiny_tokenizer):
     dynamic = model.generate(**kw)
     static = model.generate(**kw, cache_implementation="static")
     assert torch.equal(dynamic, static)
+
+
+def test_static_cache_decode_step_compiles_without_graph_breaks(model, tiny_tokenizer):
+    """The per-token path has no host sync or data-dependent branch: dynamo captures it as one graph."""
+    from transformers import StaticCache
+
+    from modeling_visualglm.chatglm import chatglm_position_ids
+
+    cfg = model.config
+    ids = torch.tensor([build_visualglm_inputs(tiny_tokenizer, "Hi?", has_image=True,
+                                               num_image_tokens=cfg.num_image_tokens)])
+    cache = StaticCache(config=cfg, max_cache_len=ids.shape[1] + 8)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixel(model, make_image(12)), past_key_values=cache)
+        nxt = out.logits[:, -1:].argmax(-1)
+        full = torch.cat([ids, nxt], dim=1)
+        pos = chatglm_position_ids(full, None, cfg.text_config)[..., -1:]
+        mask = torch.nn.functional.pad(torch.ones_like(full), (0, ids.shape[1] + 8 - full.shape[1]))
+
+        def step(input_ids, position_ids, attention_mask):
+            return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         past_key_values=cache, logits_to_keep=1).logits
+
+        explained = torch._dynamo.explain(step)(nxt, pos, mask)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+def test_generate_with_placeholders_but_no_image_raises(model, tiny_tokenizer):
+    cfg = model.config
+    ids = build_visualglm_inputs(tiny_tokenizer, "Hi?", has_image=True, num_image_tokens=cfg.num_image_tokens)
+    with pytest.raises(ValueError, match="image placeholders"):
+        model.generate(input_ids=torch.tensor([ids]), max_new_tokens=2, min_length=0)

@@ -172,27 +172,34 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
     ) -> VisualGLMCausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        # Decode steps inside generate() always bring position_ids and no pixel_values; they must not read
+        # the cache length (a device value for static caches: a host sync and a torch.compile graph break).
+        derive_positions = position_ids is None
+        if derive_positions and past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                "position_ids are required with a non-empty cache: compute them with chatglm_position_ids("
+                "full_input_ids, attention_mask, config.text_config) on the whole sequence (generate() does this)"
+            )
         image_features = None
         image_mask = None
         if inputs_embeds is None:
             image_mask = input_ids == self.config.image_token_id  # (B, T)
             # the placeholder id may lie outside the embedding table: never look it up
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-            if is_prefill:
+            if pixel_values is not None or derive_positions:  # a prefill: one host sync is fine
                 self._check_image_count(image_mask, 0 if pixel_values is None else pixel_values.shape[0])
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-            if position_ids is None and is_prefill:
+            if derive_positions:
                 check_chatglm_prompt(input_ids, attention_mask, self.config.text_config)
                 position_ids = chatglm_position_ids(input_ids, attention_mask, self.config.text_config)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (their placeholders say where the images go)")
         if position_ids is None:
             raise ValueError(
-                "position_ids are required with inputs_embeds or a non-empty cache: compute them with "
-                "chatglm_position_ids(full_input_ids, attention_mask, config.text_config) (generate() does this)"
+                "position_ids are required with inputs_embeds: compute them with chatglm_position_ids("
+                "input_ids, attention_mask, config.text_config)"
             )
 
         outputs = self.language_model(
@@ -234,10 +241,15 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
         )
-        if model_inputs.get("input_ids") is not None:
+        step_ids = model_inputs.get("input_ids")
+        if step_ids is not None:
             full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
             positions = chatglm_position_ids(input_ids, full_mask, self.config.text_config)
-            model_inputs["position_ids"] = positions[..., -model_inputs["input_ids"].shape[1] :]
+            model_inputs["position_ids"] = positions[..., -step_ids.shape[1] :]
+            if step_ids.shape[1] == input_ids.shape[1]:  # the prefill (shapes only: no host sync per step)
+                check_chatglm_prompt(input_ids, full_mask, self.config.text_config)
+                if model_inputs.get("pixel_values") is None:  # else forward checks the count itself
+                    self._check_image_count(input_ids == self.config.image_token_id, 0)
         return model_inputs
 
     def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
