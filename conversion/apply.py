@@ -120,7 +120,10 @@ class Plan:
 def compute_task(source: TensorSource, task: Task) -> dict[str, torch.Tensor]:
     """Read the task's source tensors (memory-mapped), apply its op and dtype cast."""
     tensors = tuple(source.get(k) for k in task.sources)
-    outs = run_op(task.rule.op, tensors, task.rule.kwargs)
+    try:
+        outs = run_op(task.rule.op, tensors, task.rule.kwargs)
+    except ValueError as e:  # a check only the data can fail (e.g. replicated copies that differ)
+        raise ConversionError(f"{task.rule.op} refused {list(task.sources)}: {e}") from None
     result = {}
     for name, t, info in zip(task.targets, outs, task.infos):
         if t.dtype != info.dtype:

@@ -26,8 +26,9 @@ PROG = "visualglm-convert"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert an original VisualGLM / CogVLM / MiniGPT-4 / LLaMA checkpoint into a hub folder "
-                    "(safetensors + remote code + tokenizer + processor + model card).",
+        description="Convert an original VisualGLM / CogVLM / MiniGPT-4 checkpoint into a hub folder "
+                    "(safetensors + remote code + tokenizer + processor + model card), or an original LLaMA / "
+                    "FastChat delta into a plain transformers Llama folder.",
         epilog="Formats: " + "; ".join(f"{n}: {f.help}" for n, f in FORMATS.items()),
     )
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="source format (never guessed)")
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from hub_export.weights import parse_size
-    from hub_export.writer import staged_output, write_hub_folder
+    from hub_export.writer import staged_output
 
     fmt = FORMATS[args.format]
     fmt.check_flags(args)
@@ -72,31 +73,60 @@ def run(args) -> int:
             for note in loaded.notes:
                 print(f"  note: {note}")
             sys.stdout.flush()
-            source_note = (
-                f"Converted with `{PROG} --format {fmt.name}` (modeling_visualglm) from the original "
-                f"checkpoint: " + "; ".join(loaded.notes) + f". Tied weights: {plan.tie_note or 'none'}."
-            )
-            result = write_hub_folder(
-                tmp,
-                family=loaded.family,
-                config=plan.config,
-                weight_entries=plan.weight_entries(),
-                dtype=plan.main_dtype(),
-                tokenizer=loaded.tokenizer,
-                max_shard_size=max_shard,
-                model_id=str(out.absolute()),
-                source_note=source_note,
-                progress=not args.no_progress,
-            )
+            if loaded.family is None:  # a model transformers itself implements: no remote code
+                result = _write_plain(tmp, loaded, plan, max_shard, args)
+            else:
+                result = _write_hub(tmp, loaded, plan, max_shard, args, out, fmt)
         finally:
             loaded.source.close()
     took = time.perf_counter() - start
+    code = f"; code: {', '.join(result.code_files)}" if hasattr(result, "code_files") else " (plain transformers folder)"
     print(f"wrote {out} in {took:.1f}s: {len(result.weight_files)} weight file(s), "
-          f"{human_bytes(result.total_size)}; code: {', '.join(result.code_files)}")
+          f"{human_bytes(result.total_size)}{code}")
     if not result.complete:
-        print(f"WARNING: {out} is INCOMPLETE (no tokenizer): re-run with --tokenizer; "
-              "`visualglm-export check` fails on it until then")
+        if loaded.family is None:
+            print(f"WARNING: {out} has NO TOKENIZER: re-run with --tokenizer (a tokenizer.model or its folder)")
+        else:
+            print(f"WARNING: {out} is INCOMPLETE (no tokenizer): re-run with --tokenizer; "
+                  "`visualglm-export check` fails on it until then")
     return 0
+
+
+def _write_plain(tmp, loaded, plan, max_shard, args):
+    from .plain import ids_generation_config, write_plain_folder
+
+    return write_plain_folder(
+        tmp,
+        config=plan.config,
+        architecture=loaded.model_class.__name__,
+        weight_entries=plan.weight_entries(),
+        dtype=plan.main_dtype(),
+        tokenizer=loaded.tokenizer,
+        generation_config=ids_generation_config(plan.config),
+        max_shard_size=max_shard,
+        progress=not args.no_progress,
+    )
+
+
+def _write_hub(tmp, loaded, plan, max_shard, args, out, fmt):
+    from hub_export.writer import write_hub_folder
+
+    source_note = (
+        f"Converted with `{PROG} --format {fmt.name}` (modeling_visualglm) from the original "
+        f"checkpoint: " + "; ".join(loaded.notes) + f". Tied weights: {plan.tie_note or 'none'}."
+    )
+    return write_hub_folder(
+        tmp,
+        family=loaded.family,
+        config=plan.config,
+        weight_entries=plan.weight_entries(),
+        dtype=plan.main_dtype(),
+        tokenizer=loaded.tokenizer,
+        max_shard_size=max_shard,
+        model_id=str(out.absolute()),
+        source_note=source_note,
+        progress=not args.no_progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

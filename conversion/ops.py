@@ -80,6 +80,85 @@ def unsqueeze0(t: torch.Tensor) -> tuple[torch.Tensor]:
     return (t.unsqueeze(0),)
 
 
+@register("rope_permute")
+def rope_permute(t: torch.Tensor, *, num_heads: int) -> tuple[torch.Tensor]:
+    """Meta's rotary row order → transformers' (q/k projections of LLaMA, per head).
+
+    Meta's ``apply_rotary_emb`` rotates interleaved pairs (rows 2j, 2j+1 of a head, a complex view);
+    transformers' ``rotate_half`` pairs row j with row j + d/2. Per head, view the d rows as (d/2, 2) and
+    transpose: the even rows come first, then the odd ones. Works for weights (rows, in) and biases (rows,).
+    """
+    hd = _heads(t.shape[0], num_heads, 1, "rope_permute")
+    if hd % 2:
+        raise ValueError(f"rope_permute: head dim {hd} is odd; rotary pairs need an even head dim")
+    rest = t.shape[1:]
+    return (t.reshape(num_heads, hd // 2, 2, *rest).transpose(1, 2).reshape(t.shape),)
+
+
+@register("concat_mp_shards")
+def concat_mp_shards(*shards: torch.Tensor, dim: int, rope_heads: int = 0) -> tuple[torch.Tensor]:
+    """Model-parallel slices → the full tensor: concatenate along ``dim``, then ``rope_permute`` if asked.
+
+    fairscale's ColumnParallelLinear splits the output rows (dim 0), RowParallelLinear the input columns
+    (dim 1), ParallelEmbedding the embedding dim (dim 1). Permuting after the concatenation is right because
+    Meta splits q/k on head boundaries (each slice holds whole heads). One shard is returned as it is (no copy).
+    """
+    first = shards[0]
+    for k, s in enumerate(shards[1:], 1):
+        if s.dim() != first.dim() or any(a != b for d, (a, b) in enumerate(zip(s.shape, first.shape)) if d != dim):
+            raise ValueError(f"concat_mp_shards: shard {k} has shape {list(s.shape)}, shard 0 {list(first.shape)}: "
+                             f"they must agree except along dim {dim}")
+        if s.dtype != first.dtype:
+            raise ValueError(f"concat_mp_shards: shard {k} is {s.dtype}, shard 0 {first.dtype}")
+    full = first if len(shards) == 1 else torch.cat(shards, dim=dim)
+    if rope_heads:
+        (full,) = rope_permute(full, num_heads=rope_heads)
+    return (full,)
+
+
+@register("replicated")
+def replicated(*shards: torch.Tensor) -> tuple[torch.Tensor]:
+    """A tensor every model-parallel shard holds a copy of (norm weights): shard 0's, after checking the rest.
+
+    The copies must be bit-equal; different copies mean the shards come from different checkpoints.
+    """
+    first = shards[0]
+    for k, s in enumerate(shards[1:], 1):
+        if s.shape != first.shape or s.dtype != first.dtype:
+            raise ValueError(f"replicated: shard {k} holds {list(s.shape)} {s.dtype}, shard 0 "
+                             f"{list(first.shape)} {first.dtype}")
+        if not first.is_meta and not torch.equal(s, first):
+            raise ValueError(f"replicated: shard {k}'s copy differs from shard 0's: the model-parallel files "
+                             "come from different checkpoints")
+    return (first,)
+
+
+@register("add_delta")
+def add_delta(base: torch.Tensor, delta: torch.Tensor, *, dtype: str | None = None,
+              pad_rows: bool = False) -> tuple[torch.Tensor]:
+    """``base + delta`` (FastChat's ``apply_delta``), computed in ``dtype`` (default: the delta's dtype).
+
+    Both operands are cast to that dtype first and added once, as FastChat does in float16
+    (``param.data += delta`` after loading both with ``torch_dtype=float16``). With ``pad_rows`` (the
+    vocabulary tensors) a base with fewer rows than the delta is zero-padded first, as FastChat v0.1.10 did
+    for Vicuna v0 (it resized the base to 32001 rows and zeroed the new one). Any other shape difference is
+    an error.
+    """
+    if base.shape != delta.shape:
+        same_tail = base.dim() == delta.dim() and base.shape[1:] == delta.shape[1:]
+        if not (pad_rows and same_tail and delta.shape[0] > base.shape[0]):
+            what = ("the delta has fewer rows than the base" if pad_rows and same_tail
+                    else "only the vocabulary rows of embed_tokens/lm_head may differ" if pad_rows
+                    else "the shapes must be equal")
+            raise ValueError(f"add_delta: base {list(base.shape)} vs delta {list(delta.shape)}: {what}")
+    compute = getattr(torch, dtype) if dtype else delta.dtype
+    base, delta = base.to(compute), delta.to(compute)
+    if base.shape[0] < delta.shape[0]:
+        pad = torch.zeros((delta.shape[0] - base.shape[0], *base.shape[1:]), dtype=compute, device=base.device)
+        base = torch.cat([base, pad], dim=0)
+    return (base + delta,)
+
+
 def run_op(name: str | None, tensors: tuple[torch.Tensor, ...], kwargs: dict) -> tuple[torch.Tensor, ...]:
     if name is None:
         if len(tensors) != 1:

@@ -287,3 +287,86 @@ class SafetensorsSource(TensorSource):
 
     def close(self):
         self._handles.clear()
+
+
+def safetensors_folder_source(folder: Path, index_name: str, single_name: str) -> SafetensorsSource:
+    """``model-0000k-of-0000N.safetensors`` shards listed in ``index_name``, or the single ``single_name``."""
+    folder = Path(folder)
+    index_path = folder / index_name
+    if index_path.is_file():
+        weight_map = read_index(index_path)
+        shards = sorted(set(weight_map.values()))
+    elif (folder / single_name).is_file():
+        weight_map, shards = None, [single_name]
+    else:
+        raise ConversionError(f"{folder}: neither {index_name} nor {single_name} found")
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise ConversionError([f"{index_name} lists {s}, which is missing" for s in missing],
+                              header=f"cannot read the checkpoint in {folder}")
+    src = SafetensorsSource([folder / s for s in shards], str(folder))
+    if weight_map is not None:
+        problems = []
+        for k, shard in weight_map.items():
+            if k not in src:
+                problems.append(f"{index_name} maps {k!r} to {shard}, which does not contain it")
+            elif src._where[k].name != shard:
+                problems.append(f"{index_name} maps {k!r} to {shard}, but it is in {src._where[k].name}")
+        problems += [f"{src._where[k].name} holds {k!r}, which {index_name} does not list"
+                     for k in src.keys() if k not in weight_map]
+        if problems:
+            raise ConversionError(problems, header=f"cannot read the checkpoint in {folder}")
+    return src
+
+
+# (index, single file) pairs of a transformers model folder, in the order transformers prefers them
+HF_WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def hf_folder_source(folder: str | os.PathLike) -> TensorSource:
+    """The weights of a transformers model folder: safetensors (sharded or single) or ``.bin`` (sharded or single).
+
+    safetensors wins when a folder has both, as in ``from_pretrained``. ``.bin`` files are memory-mapped.
+    """
+    folder = Path(folder)
+    (st_index, st_single), (bin_index, bin_single) = HF_WEIGHT_LAYOUTS
+    if (folder / st_index).is_file() or (folder / st_single).is_file():
+        return safetensors_folder_source(folder, st_index, st_single)
+    if (folder / bin_index).is_file() or (folder / bin_single).is_file():
+        return sharded_torch_source(folder, bin_index, bin_single)
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".safetensors", ".pth", ".pt"))
+    raise ConversionError(
+        f"{folder}: no transformers weights (expected {st_single}, {st_index}, {bin_single} or {bin_index})"
+        + (f"; found {found[:5]}" if found else ""))
+
+
+class PrefixedSource(TensorSource):
+    """Several sources seen as one, each key prefixed with its part's name (``"base." + key``).
+
+    Lets one rule combine tensors of different checkpoints (a base and its delta, model-parallel shards).
+    """
+
+    def __init__(self, parts: dict[str, TensorSource], description: str | None = None):
+        super().__init__(description or " + ".join(p.description for p in parts.values()))
+        self._parts = dict(parts)
+        self._route: dict[str, tuple[TensorSource, str]] = {}
+        for prefix, part in self._parts.items():
+            for k in part.keys():
+                name = f"{prefix}.{k}"
+                self._route[name] = (part, k)
+                self._infos[name] = part.info(k)
+
+    @property
+    def parts(self) -> dict[str, TensorSource]:
+        return dict(self._parts)
+
+    def _load(self, key: str) -> torch.Tensor:
+        part, k = self._route[key]
+        return part.get(k)
+
+    def close(self):
+        for part in self._parts.values():
+            part.close()

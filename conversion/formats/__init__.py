@@ -1,8 +1,10 @@
 """Registry of source formats (``visualglm-convert --format NAME``). ``--format`` is always explicit."""
 
 from .base import SOURCE_FLAGS, Format, Loaded
+from .fastchat import FastChatDelta
+from .llama import LlamaOriginal
 from .visualglm import HfVisualGLM, SatVisualGLM
 
-FORMATS: dict[str, Format] = {f.name: f for f in (SatVisualGLM(), HfVisualGLM())}
+FORMATS: dict[str, Format] = {f.name: f for f in (SatVisualGLM(), HfVisualGLM(), LlamaOriginal(), FastChatDelta())}
 
 __all__ = ["FORMATS", "SOURCE_FLAGS", "Format", "Loaded"]
