@@ -1,4 +1,4 @@
-"""Configurations of the shared blocks: EVA ViT tower, BLIP-2 Q-Former, ChatGLM-6B decoder.
+"""Configurations of the shared blocks: EVA ViT tower, BLIP-2 Q-Former, ChatGLM-6B decoder, LLaMA (+ experts).
 
 Each block is built from its own sub-config so that families (VisualGLM, CogVLM, MiniGPT-4) compose
 them without forking. Field names follow transformers conventions (``hidden_size``,
@@ -16,6 +16,11 @@ class EvaVisionConfig(PretrainedConfig):
     ``num_hidden_layers`` is 39 for BLIP-2/VisualGLM/MiniGPT-4 (EVA ViT-g has 40; BLIP-2 drops the last).
     ``use_post_layernorm`` adds the ``ln_vision`` LayerNorm of BLIP-2 with its own eps (1e-5 there,
     while the blocks use 1e-6).
+
+    EVA2-CLIP-E (CogVLM / CogVLM2: 63 layers, hidden 1792, 16 heads, MLP 15360, 224/490/1344 px) is the same
+    block with ``layernorm_order="post_sublayer"`` (each sub-layer's *output* is layer-normed before the
+    residual add: x + LN_in(Attn(x)), then x + LN_post(MLP(x))), ``use_post_layernorm=False`` and
+    ``drop_cls_token=True`` (the tower returns the patch tokens only).
     """
 
     model_type = "visualglm_eva_vision"
@@ -37,8 +42,14 @@ class EvaVisionConfig(PretrainedConfig):
         post_layernorm_eps=1e-5,
         attention_dropout=0.0,
         initializer_range=0.02,
+        layernorm_order="pre",
+        drop_cls_token=False,
         **kwargs,
     ):
+        if layernorm_order not in ("pre", "post_sublayer"):
+            raise ValueError(f"layernorm_order must be 'pre' or 'post_sublayer', got {layernorm_order!r}")
+        self.layernorm_order = layernorm_order
+        self.drop_cls_token = drop_cls_token
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -164,3 +175,70 @@ class ChatGLMConfig(PretrainedConfig):
     @property
     def num_key_value_heads(self) -> int:
         return self.num_attention_heads
+
+
+class LlamaExpertConfig(PretrainedConfig):
+    """LLaMA decoder, optionally with CogVLM's per-token visual experts (a second set of qkv, output
+    projection and SwiGLU MLP weights used on image tokens).
+
+    Defaults are CogVLM1's language model (Vicuna-7B-v1.5: 32 layers, hidden 4096, MHA, RoPE base 10000).
+    CogVLM2 (Llama-3-8B-Instruct): ``num_key_value_heads=8``, ``intermediate_size=14336``,
+    ``rope_theta=500000``, ``vocab_size=128256``, ``vision_qkv_bias=True``. With
+    ``use_visual_experts=False`` the block is a plain LLaMA with a fused [Q; K; V] projection.
+    """
+
+    model_type = "visualglm_llama_expert"
+    base_config_key = "text_config"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        use_visual_experts=True,
+        vision_qkv_bias=False,
+        language_qkv_bias=False,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        use_cache=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.use_visual_experts = use_visual_experts
+        self.vision_qkv_bias = vision_qkv_bias
+        self.language_qkv_bias = language_qkv_bias
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads

@@ -1,4 +1,4 @@
-"""EVA-CLIP ViT vision tower as used by BLIP-2 style models (VisualGLM-6B, MiniGPT-4).
+"""EVA-CLIP ViT vision towers: BLIP-2's EVA ViT-g (VisualGLM-6B, MiniGPT-4) and EVA2-CLIP-E (CogVLM).
 
 Implements the EVA ViT-g/14 encoder of EVA-CLIP (Fang et al. 2022, https://arxiv.org/abs/2211.07636;
 Sun et al. 2023, https://arxiv.org/abs/2303.15389) in the configuration BLIP-2 (Li et al. 2023,
@@ -7,6 +7,12 @@ BLIP-2's ``ln_vision`` LayerNorm. Matches the SwissArmyTransformer ``ViTModel`` 
 THUDM/VisualGLM-6B @e314fb9 ``model/blip2.py`` (``EVAViT``) builds with sat 0.4.12
 (``sat/model/official/vit_model.py``, ``sat/model/transformer.py``): patch Conv2d → [CLS, patches]
 → learned positions → pre-LN blocks with a fused, blocked [Q; K; V] projection → ``ln_vision``.
+
+EVA2-CLIP-E (CogVLM, CogVLM2; THUDM/CogVLM @f7283b2 ``utils/models/eva_clip_model.py``, sat 0.4.12
+``sat/model/official/eva_clip_model.py`` ``EVA2CLIPModel``) is a variant of the same block selected by the
+config: ``layernorm_order="post_sublayer"`` layer-norms each sub-layer's output before the residual add
+(SAT's ``NewLayerForward``; the norms keep their pre-LN names), no final norm, and ``drop_cls_token`` returns
+the patch tokens only (SAT's ``IdentityMixin``).
 
 Parameter names follow SAT (``query_key_value``, ``dense``, ``dense_h_to_4h``, ...) so SAT checkpoints
 convert by renaming alone (docs/architecture.md).
@@ -18,6 +24,7 @@ Deliberate differences from the originals:
   different image size is an error instead of a silent resample.
 - Attention goes through transformers' ``ALL_ATTENTION_FUNCTIONS`` (SDPA by default); no dropout,
   drop-path or classifier head (inference and fine-tuning of the released checkpoints never use them).
+  EVA2-CLIP-E originally runs xformers' ``memory_efficient_attention``: same math, no mask.
 """
 
 from typing import Optional
@@ -120,24 +127,26 @@ class EvaMLP(nn.Module):
 
 
 class EvaVisionLayer(GradientCheckpointingLayer):
-    """Pre-LN transformer block: x += Attn(LN1 x); x += MLP(LN2 x). (B, T, H) → (B, T, H).
-
-    The two sub-layer branches are separate methods so that the EVA2-CLIP-E variant (CogVLM), which
-    layer-norms each branch's output before the residual instead of its input, can be added as a
-    variant of this block without touching the residual structure.
+    """Transformer block, (B, T, H) → (B, T, H). ``layernorm_order="pre"`` (EVA ViT-g):
+    x += Attn(LN1 x); x += MLP(LN2 x). ``"post_sublayer"`` (EVA2-CLIP-E): x += LN1(Attn x); x += LN2(MLP x).
     """
 
     def __init__(self, config: EvaVisionConfig):
         super().__init__()
+        self.normalize_output = config.layernorm_order == "post_sublayer"
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = EvaAttention(config)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = EvaMLP(config)
 
     def attention_branch(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.normalize_output:
+            return self.input_layernorm(self.attention(hidden_states, **kwargs))
         return self.attention(self.input_layernorm(hidden_states), **kwargs)
 
     def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.normalize_output:
+            return self.post_attention_layernorm(self.mlp(hidden_states))
         return self.mlp(self.post_attention_layernorm(hidden_states))
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -176,8 +185,9 @@ class EvaVisionModel(EvaVisionPreTrainedModel):
     """EVA ViT tower (+ BLIP-2 ``ln_vision`` as ``post_layernorm``).
 
     forward: ``pixel_values`` (B, C, S, S) → ``last_hidden_state`` (B, 1 + N, H), CLS first, after
-    ``post_layernorm`` when ``config.use_post_layernorm``; ``hidden_states`` (embeddings + every block's
-    output, before ``post_layernorm``) when ``output_hidden_states``.
+    ``post_layernorm`` when ``config.use_post_layernorm``; (B, N, H) without the CLS token when
+    ``config.drop_cls_token`` (EVA2-CLIP-E); ``hidden_states`` (embeddings + every block's output, with CLS,
+    before ``post_layernorm``) when ``output_hidden_states``.
     """
 
     def __init__(self, config: EvaVisionConfig):
@@ -212,6 +222,8 @@ class EvaVisionModel(EvaVisionPreTrainedModel):
 
         if self.post_layernorm is not None:
             hidden_states = self.post_layernorm(hidden_states)
+        if self.config.drop_cls_token:
+            hidden_states = hidden_states[:, 1:]  # (B, N, H)
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
 
 

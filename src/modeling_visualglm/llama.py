@@ -1,0 +1,430 @@
+"""LLaMA decoder with optional per-token visual experts (CogVLM / CogVLM2; plain LLaMA for MiniGPT-4).
+
+Implements the language model of CogVLM (Wang et al. 2023, "CogVLM: Visual Expert for Pretrained Language
+Models", https://arxiv.org/abs/2311.03079) and CogVLM2 (Hong et al. 2024, https://arxiv.org/abs/2408.16500):
+a pre-RMSNorm LLaMA (Touvron et al. 2023, https://arxiv.org/abs/2302.13971) whose attention projections
+(fused qkv and output) and SwiGLU MLP exist twice per layer, a language expert and a vision expert, chosen
+per token. Originals: THUDM/CogVLM @f7283b2 ``utils/models/mixin.py`` on SwissArmyTransformer 0.4.12
+``sat/model/official/llama_model.py``, and the CogVLM2 HF ``modeling_cogvlm.py`` (cogvlm2-llama3-chat-19B).
+With ``config.use_visual_experts=False`` only the language expert exists: a plain LLaMA with a fused
+[Q; K; V] projection.
+
+Parameter names follow THUDM's HF CogVLM checkpoints (``cogvlm-chat-hf``, ``cogvlm2-llama3-*``) under
+``model.``, so those convert by renaming alone: ``embed_tokens``, ``layers.{i}.input_layernorm``,
+``layers.{i}.self_attn.{language,vision}_expert_query_key_value`` (blocked [Q; K; V], heads contiguous inside
+each block; [Q | K | V] = [nh*hd | nkv*hd | nkv*hd]), ``layers.{i}.self_attn.{language,vision}_expert_dense``,
+``layers.{i}.post_attention_layernorm``, ``layers.{i}.mlp.{language,vision}_mlp.{gate,up,down}_proj``, ``norm``.
+
+Routing: ``vision_expert_mask`` (B, T) says which tokens use the vision expert. Without it every token takes
+the language path (no indexing, no host sync: decode steps and text-only prompts). With it, the tokens are
+sorted once per forward into a language part and a vision part (one host sync, to learn the split size), each
+expert runs only on its own rows, and one gather restores the order; all layers reuse that permutation.
+
+Deliberate differences from the originals:
+- RoPE angles are computed in fp32 from fp32 positions (as transformers' LLaMA). The originals build them in
+  ``inv_freq``'s dtype, so under a bf16 cast positions above 256 round; identical in fp32.
+- Routing by a permutation computed once per forward instead of boolean-mask indexing in every layer (the
+  HF original re-derives and checks the masks per layer, which syncs and runs data-dependent shapes at
+  every decode step).
+- Batch-first tensors, transformers ``Cache`` objects, attention through ``ALL_ATTENTION_FUNCTIONS`` with a
+  boolean causal + padding mask from transformers' masking utilities; no xformers / triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq
+from .configuration_blocks import LlamaExpertConfig
+
+# ---------------------------------------------------------------------------------------------------
+# Expert routing
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpertRouting:
+    """A split of the flattened (B*T) tokens into the language rows and the vision rows.
+
+    ``order`` lists the language rows then the vision rows (each in sequence order); ``inverse`` undoes it;
+    ``num_language`` is a Python int, so the split is a static slice.
+    """
+
+    order: torch.LongTensor
+    inverse: torch.LongTensor
+    num_language: int
+
+
+def expert_routing(
+    vision_expert_mask: Optional[torch.Tensor], num_vision: Optional[int] = None
+) -> Optional[ExpertRouting]:
+    """(B, T) bool → routing, or None when no token uses the vision expert.
+
+    One host sync to count the vision rows, unless the caller already knows ``num_vision`` (CogVLM reads it
+    together with its input checks).
+    """
+    if vision_expert_mask is None:
+        return None
+    flat = vision_expert_mask.reshape(-1).to(torch.uint8)
+    if num_vision is None:
+        num_vision = int(flat.sum())  # the one host sync of a routed forward
+    if num_vision == 0:
+        return None
+    # a stable sort puts language rows (0) before vision rows (1), each keeping its order
+    order = torch.argsort(flat, stable=True)
+    inverse = torch.argsort(order)
+    return ExpertRouting(order=order, inverse=inverse, num_language=flat.numel() - num_vision)
+
+
+def route(
+    hidden_states: torch.Tensor,
+    language: nn.Module,
+    vision: Optional[nn.Module],
+    routing: Optional[ExpertRouting],
+) -> torch.Tensor:
+    """Apply ``language`` or ``vision`` per token: (B, T, D_in) → (B, T, D_out); each row runs one expert."""
+    if routing is None:
+        return language(hidden_states)
+    batch_shape = hidden_states.shape[:-1]
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, routing.order)  # (N, D_in)
+    language_out = language(rows[: routing.num_language])
+    vision_out = vision(rows[routing.num_language :])
+    out = torch.cat([language_out, vision_out], dim=0).index_select(0, routing.inverse)  # (N, D_out)
+    return out.view(*batch_shape, -1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------
+
+
+class LlamaExpertRMSNorm(nn.Module):
+    """RMSNorm in CogVLM's order: normalize in fp32, multiply by the weight in fp32, then cast.
+
+    transformers' LlamaRMSNorm casts before multiplying; in bf16/fp16 that changes the logits (found by
+    transformers PR #28196), in fp32 the two are identical.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class LlamaExpertRotaryEmbedding(nn.Module):
+    """Rotate-half (NeoX) RoPE tables: positions (B, T) → cos, sin of shape (B, 1, T, head_dim)."""
+
+    def __init__(self, config: LlamaExpertConfig):
+        super().__init__()
+        self.config = config
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: LlamaExpertConfig) -> torch.Tensor:
+        return rotary_inv_freq(config.head_dim, config.rope_theta)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype):
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            # model.to(bf16) also casts buffers; a rounded inv_freq would silently change the model
+            inv_freq = self.compute_inv_freq(self.config)
+        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class LlamaExpertMLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x). (…, H) → (…, H)."""
+
+    def __init__(self, config: LlamaExpertConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class LlamaExpertFeedForward(nn.Module):
+    """Per-token choice between ``language_mlp`` and ``vision_mlp``. (B, T, H) → (B, T, H)."""
+
+    def __init__(self, config: LlamaExpertConfig):
+        super().__init__()
+        self.language_mlp = LlamaExpertMLP(config)
+        self.vision_mlp = LlamaExpertMLP(config) if config.use_visual_experts else None
+
+    def forward(self, hidden_states: torch.Tensor, routing: Optional[ExpertRouting] = None) -> torch.Tensor:
+        return route(hidden_states, self.language_mlp, self.vision_mlp, routing)
+
+
+class LlamaExpertAttention(nn.Module):
+    """Causal GQA self-attention with rotate-half RoPE and per-token expert qkv / output projections.
+
+    (B, T, H) → (B, T, H). The cache stores ``num_key_value_heads`` heads; each serves
+    ``num_attention_heads / num_key_value_heads`` consecutive query heads.
+    """
+
+    def __init__(self, config: LlamaExpertConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.q_size = config.num_attention_heads * self.head_dim
+        self.kv_size = config.num_key_value_heads * self.head_dim
+        qkv_size = self.q_size + 2 * self.kv_size
+        self.language_expert_query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=config.language_qkv_bias)
+        self.language_expert_dense = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        if config.use_visual_experts:
+            # CogVLM2 has a bias on the vision qkv only (config.vision_qkv_bias)
+            self.vision_expert_query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=config.vision_qkv_bias)
+            self.vision_expert_dense = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        else:
+            self.vision_expert_query_key_value = None
+            self.vision_expert_dense = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        routing: Optional[ExpertRouting] = None,
+        **kwargs,
+    ):
+        input_shape = hidden_states.shape[:-1]
+        qkv = route(
+            hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value, routing
+        )  # (B, T, (nh + 2 nkv) hd)
+        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        key = key.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+
+        cos, sin = position_embeddings  # (B, 1, T, hd)
+        query = apply_rotary(query, cos, sin)
+        key = apply_rotary(key, cos, sin)
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # (B, T, nh, hd)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return route(attn_output, self.language_expert_dense, self.vision_expert_dense, routing), attn_weights
+
+
+class LlamaExpertDecoderLayer(GradientCheckpointingLayer):
+    """Pre-RMSNorm LLaMA block with expert attention and MLP: (B, T, H) → (B, T, H)."""
+
+    def __init__(self, config: LlamaExpertConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = LlamaExpertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = LlamaExpertAttention(config, layer_idx)
+        self.post_attention_layernorm = LlamaExpertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaExpertFeedForward(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        routing: Optional[ExpertRouting] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            routing=routing,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), routing=routing)
+
+
+class LlamaExpertPreTrainedModel(PreTrainedModel):
+    """Weights init and the transformers class attributes shared by LLaMA-with-experts models."""
+
+    config_class = LlamaExpertConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaExpertDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # transformers' flash / flex paths read packed sequences from position_ids when no mask is given; CogVLM's
+    # image block repeats positions (bos 0, boi 1, patches 2, eoi 3), which those paths would misread
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LlamaExpertRotaryEmbedding):
+            # a non-persistent buffer: after meta-device loading only this recomputation fills it
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+
+
+class LlamaExpertModel(LlamaExpertPreTrainedModel):
+    """LLaMA decoder without the LM head: ids/embeddings (B, T[, H]) → last_hidden_state (B, T, H) after
+    ``norm``, plus the updated cache."""
+
+    def __init__(self, config: LlamaExpertConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([LlamaExpertDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaExpertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaExpertRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        vision_expert_mask: Optional[torch.Tensor | ExpertRouting] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """
+        input_ids (B, T) or inputs_embeds (B, T, H).
+        attention_mask: None, a 2D padding mask (B, past + T) (1 = real token; left padding), or a ready 4D mask.
+        position_ids (B, T): default ``cumsum(attention_mask) - 1`` (so left padding needs nothing more), or
+            ``past + arange(T)`` without a mask. CogVLM passes its own (the image block takes 3 positions).
+        vision_expert_mask (B, T) bool: True where the vision expert runs; None = language expert everywhere
+            (no host sync). Needs ``config.use_visual_experts``. An ``ExpertRouting`` built by ``expert_routing``
+            for these (B, T) tokens is accepted too.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        if vision_expert_mask is not None and not self.config.use_visual_experts:
+            raise ValueError("vision_expert_mask was given but this model has no visual experts")
+        if isinstance(vision_expert_mask, ExpertRouting):
+            if vision_expert_mask.order.numel() != batch_size * seq_len:
+                raise ValueError(
+                    f"the ExpertRouting covers {vision_expert_mask.order.numel()} tokens, not {batch_size * seq_len}"
+                )
+            routing = vision_expert_mask
+        else:
+            if vision_expert_mask is not None and vision_expert_mask.shape != (batch_size, seq_len):
+                raise ValueError(
+                    f"vision_expert_mask must be (batch, seq_len) = {(batch_size, seq_len)}, got "
+                    f"{tuple(vision_expert_mask.shape)}"
+                )
+            routing = expert_routing(vision_expert_mask)
+
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None] + past_length
+                position_ids = position_ids.expand(batch_size, -1)
+        elif position_ids.ndim != 2:
+            raise ValueError(f"position_ids must be (batch, seq_len), got {tuple(position_ids.shape)}")
+
+        # position_ids are deliberately not passed: transformers would read CogVLM's repeated image
+        # positions as packed sequences. With a padding mask, transformers' "is it all ones? then use
+        # is_causal" shortcut reads the mask on the host at every step; the mask is materialized instead
+        # (generate drops all-ones masks, so unpadded batches still get SDPA's is_causal path).
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=None,
+            allow_is_causal_skip=attention_mask is None,
+        )
+
+        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=mask,
+                past_key_values=past_key_values,
+                routing=routing,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["LlamaExpertPreTrainedModel", "LlamaExpertModel", "ExpertRouting", "expert_routing"]
