@@ -17,18 +17,21 @@ Deliberate differences from the originals:
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from queue import Queue
 from typing import Optional
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.generation import LogitsProcessor, LogitsProcessorList
-from transformers.generation.streamers import BaseStreamer
+from transformers.generation import LogitsProcessorList
 from transformers.modeling_outputs import ModelOutput
 
+from .chat_utils import (
+    InvalidScoreLogitsProcessor,
+    TokenRangeLogitsProcessor,
+    check_history,
+    stream_generate,
+)
 from .chatglm import ChatGLMModel, chatglm_position_ids, check_chatglm_prompt
 from .configuration_visualglm import VisualGLMConfig
 from .eva_vit import EvaVisionModel
@@ -46,37 +49,6 @@ class VisualGLMCausalLMOutputWithPast(ModelOutput):
     past_key_values: Optional[object] = None
     hidden_states: Optional[tuple] = None
     image_hidden_states: Optional[torch.FloatTensor] = None
-
-
-class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """Guards fp16 overflow: a row whose scores hold NaN or +inf gets all its mass on ``eos_token_id``.
-
-    Branch-free (``torch.where``), so it adds no host sync to the decode step. ``-inf`` is legitimate
-    (``min_length``, top-k) and is left alone.
-    """
-
-    def __init__(self, eos_token_id: int):
-        self.eos_token_id = int(eos_token_id)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        bad = (torch.isnan(scores) | (scores == float("inf"))).any(dim=-1, keepdim=True)  # (B, 1)
-        forced = torch.full_like(scores, -float("inf"))
-        forced[:, self.eos_token_id] = 0.0
-        return torch.where(bad, forced, scores)
-
-
-class TokenRangeLogitsProcessor(LogitsProcessor):
-    """Never sample ids the tokenizer cannot decode: the real checkpoint has 130528 embedding rows for
-    130344 SentencePiece pieces (ChatGLM-6B issue #987), and the ``<image>`` placeholder sits at 130344."""
-
-    def __init__(self, num_decodable: int):
-        self.num_decodable = int(num_decodable)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if scores.shape[-1] <= self.num_decodable:
-            return scores
-        return scores.index_fill(-1, torch.arange(self.num_decodable, scores.shape[-1], device=scores.device),
-                                 -float("inf"))
 
 
 class VisualGLMPreTrainedModel(PreTrainedModel):
@@ -301,14 +273,6 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         defaults.setdefault("pad_token_id", tokenizer.pad_token_id)
         return defaults
 
-    @staticmethod
-    def _check_history(history):
-        if history is None:
-            return []
-        if not isinstance(history, (list, tuple)):
-            raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
-        return list(history)
-
     @torch.no_grad()
     def chat(self, tokenizer, image, query: str, history=None, logits_processor=None, english=None, **gen_kwargs):
         """One chat turn. ``image``: a path, a PIL image, or None (text only).
@@ -317,7 +281,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         top_p 0.4, top_k 100, temperature 0.8, repetition_penalty 1.2, max_length 1024, min_length 100);
         pass e.g. ``do_sample=False, max_new_tokens=64, min_length=0`` to override.
         """
-        history = self._check_history(history)
+        history = check_history(history)
         input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, english)
         kwargs = self._chat_gen_kwargs(tokenizer, logits_processor, gen_kwargs)
         outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
@@ -329,56 +293,12 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
     def stream_chat(self, tokenizer, image, query: str, history=None, logits_processor=None, english=None,
                     **gen_kwargs):
         """Like ``chat`` but yields ``(partial_response, history)`` after every generated token."""
-        history = self._check_history(history)
+        history = check_history(history)
         input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, english)
         kwargs = self._chat_gen_kwargs(tokenizer, logits_processor, gen_kwargs)
-        streamer = _TokenQueueStreamer()
-        errors = []
 
-        def run():
-            try:
-                self.generate(input_ids=input_ids, pixel_values=pixel_values, streamer=streamer, **kwargs)
-            except BaseException as exc:  # re-raised in the consumer thread
-                errors.append(exc)
-            finally:
-                streamer.end()
+        def decode(tokens):
+            return process_response(tokenizer.decode(tokens, skip_special_tokens=True))
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        tokens: list[int] = []
-        for new_tokens in streamer:
-            tokens.extend(new_tokens)
-            response = process_response(tokenizer.decode(tokens, skip_special_tokens=True))
+        for response in stream_generate(self, decode, input_ids=input_ids, pixel_values=pixel_values, **kwargs):
             yield response, history + [(query, response)]
-        thread.join()
-        if errors:
-            raise errors[0]
-
-
-class _TokenQueueStreamer(BaseStreamer):
-    """Hands each step's new token ids of a batch-1 ``generate`` to a consumer thread."""
-
-    _END = object()
-
-    def __init__(self):
-        self.queue: Queue = Queue()
-        self.skip = True  # generate() first puts the prompt
-        self.ended = False
-
-    def put(self, value):
-        if self.skip:
-            self.skip = False
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self):
-        if not self.ended:
-            self.ended = True
-            self.queue.put(self._END)
-
-    def __iter__(self):
-        while True:
-            item = self.queue.get()
-            if item is self._END:
-                return
-            yield item

@@ -1,0 +1,113 @@
+"""Chat helpers shared by every family: history checks, logits guards, and streaming ``generate``.
+
+``stream_generate`` runs ``model.generate`` in a worker thread with a streamer that hands each step's new
+token ids to the caller, which decodes the growing answer (the ``stream_chat`` API of THUDM's ChatGLM
+code, built on transformers' streamer hook instead of a hand-written sampling loop).
+"""
+
+from __future__ import annotations
+
+import threading
+from queue import Queue
+from typing import Callable, Iterator
+
+import torch
+from transformers.generation import LogitsProcessor
+from transformers.generation.streamers import BaseStreamer
+
+
+def check_history(history) -> list:
+    """``None`` → ``[]``; otherwise a list of ``(query, response)`` string pairs, else a clear error."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(x, str) for x in turn)):
+            raise ValueError(f"history[{i}] must be a (query, response) pair of strings, got {turn!r}")
+    return [tuple(turn) for turn in history]
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    """Guards fp16 overflow: a row whose scores hold NaN or +inf gets all its mass on ``eos_token_id``.
+
+    Branch-free (``torch.where``), so it adds no host sync to the decode step. ``-inf`` is legitimate
+    (``min_length``, top-k) and is left alone.
+    """
+
+    def __init__(self, eos_token_id: int):
+        self.eos_token_id = int(eos_token_id)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bad = (torch.isnan(scores) | (scores == float("inf"))).any(dim=-1, keepdim=True)  # (B, 1)
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.eos_token_id] = 0.0
+        return torch.where(bad, forced, scores)
+
+
+class TokenRangeLogitsProcessor(LogitsProcessor):
+    """Never sample ids the tokenizer cannot decode (embedding tables are often padded past the
+    tokenizer, e.g. ChatGLM-6B's 130528 rows for 130344 pieces; image placeholder ids live there too)."""
+
+    def __init__(self, num_decodable: int):
+        self.num_decodable = int(num_decodable)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] <= self.num_decodable:
+            return scores
+        return scores.index_fill(-1, torch.arange(self.num_decodable, scores.shape[-1], device=scores.device),
+                                 -float("inf"))
+
+
+class TokenQueueStreamer(BaseStreamer):
+    """Hands each step's new token ids of a batch-1 ``generate`` to a consumer thread."""
+
+    _END = object()
+
+    def __init__(self):
+        self.queue: Queue = Queue()
+        self.skip = True  # generate() first puts the prompt
+        self.ended = False
+
+    def put(self, value):
+        if self.skip:
+            self.skip = False
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        if not self.ended:
+            self.ended = True
+            self.queue.put(self._END)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            yield item
+
+
+def stream_generate(model, decode: Callable[[list], str], **generate_kwargs) -> Iterator[str]:
+    """Yield ``decode(all new tokens so far)`` after every step of ``model.generate(**generate_kwargs)``
+    (batch 1). Exceptions raised by ``generate`` in the worker thread are re-raised here."""
+    streamer = TokenQueueStreamer()
+    errors: list = []
+
+    def run():
+        try:
+            model.generate(streamer=streamer, **generate_kwargs)
+        except BaseException as exc:  # re-raised in the consumer thread
+            errors.append(exc)
+        finally:
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    tokens: list[int] = []
+    for new_tokens in streamer:
+        tokens.extend(new_tokens)
+        yield decode(tokens)
+    thread.join()
+    if errors:
+        raise errors[0]
