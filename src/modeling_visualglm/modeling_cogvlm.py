@@ -1,0 +1,479 @@
+"""CogVLM and CogVLM2 for transformers 5.x: EVA2-CLIP-E → (CogVLM2: 2x2 conv) → GLU adapter with boi/eoi →
+LLaMA with per-token visual experts.
+
+Implements CogVLM (Wang et al. 2023, "CogVLM: Visual Expert for Pretrained Language Models",
+https://arxiv.org/abs/2311.03079; THUDM/CogVLM @f7283b2 ``utils/models/cogvlm_model.py``, ``mixin.py``,
+``utils/utils/language.py`` on SwissArmyTransformer 0.4.12, and THUDM's HF ``cogvlm-chat-hf`` code) and CogVLM2
+(Hong et al. 2024, https://arxiv.org/abs/2408.16500; the HF ``cogvlm2-llama3-chat-19B`` ``modeling_cogvlm.py`` /
+``visual.py``) as a composition of the shared blocks (``config.version`` picks the variant).
+
+The image of a row is a run of ``config.num_image_tokens`` placeholders (boi, grid² patches, eoi). Token types
+follow from the placeholders: the run is VISION, everything else LANGUAGE. The vision expert runs on boi and
+the patches (a token is routed to it iff it and the next token are VISION, so eoi uses the language expert).
+Positions: the image run takes 3 positions (boi p+1, all patches p+2, eoi p+3), every other token one:
+bos 0, boi 1, patches 2, eoi 3, text from 4; generated tokens are LANGUAGE and continue at last + 1.
+
+Deliberate differences from the originals:
+- Images are marked by a dedicated ``config.image_token_id`` (LLaVA style) instead of pad ids plus separate
+  ``token_type_ids``; passed ``token_type_ids`` must agree with the placeholders. Several images per row work
+  (each run gets its own 3 positions); the originals allow one, right after bos.
+- Left padding does not shift positions (the HF original starts left-padded rows at 1); RoPE is relative, so
+  only rounding differs.
+- Expert routing sorts the tokens once per forward (one host sync per prefill, fused with the input checks);
+  decode steps run the language expert only, with no host sync (see ``llama.py``).
+- The generation positions are computed once from the prompt (``_prepare_position_ids_for_generation``) and
+  continued by ``generate``'s +1 per step, instead of being rebuilt from the whole history at every step.
+- SDPA / eager attention from transformers instead of xformers and triton kernels; RoPE angles in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from queue import Queue
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import ModelOutput
+
+from .configuration_cogvlm import CogVLMConfig
+from .eva_vit import EvaVisionModel
+from .image_processing_cogvlm import CogVLMImageProcessor
+from .llama import LlamaExpertModel, expert_routing
+from .processing_cogvlm import (
+    VISION_TOKEN_TYPE,
+    _check_history,
+    build_cogvlm_inputs,
+    build_cogvlm_prompt,
+    process_response,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# Token types, expert mask and positions from the placeholders (tensor ops only, no host sync)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _image_run_edges(image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) placeholder mask → (first, last) token of each placeholder run, i.e. (boi, eoi)."""
+    prev = nn.functional.pad(image_mask[:, :-1], (1, 0), value=False)
+    nxt = nn.functional.pad(image_mask[:, 1:], (0, 1), value=False)
+    return image_mask & ~prev, image_mask & ~nxt
+
+
+def cogvlm_vision_expert_mask(image_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True on boi and patches (a VISION token followed by a VISION token), False on eoi and text."""
+    _, eoi = _image_run_edges(image_mask)
+    return image_mask & ~eoi
+
+
+def cogvlm_position_ids(image_mask: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.LongTensor:
+    """(B, T) positions: one per real token, except that each image run takes three (boi, patches, eoi).
+
+    ``attention_mask`` (B, ≥T), 1 = real token: padding does not advance the counter and gets position 0, so a
+    left-padded row has the positions of the same row alone.
+    """
+    t = image_mask.shape[1]
+    real = torch.ones_like(image_mask) if attention_mask is None else attention_mask[:, -t:].bool()
+    boi, eoi = _image_run_edges(image_mask)
+    patches = image_mask & ~boi & ~eoi
+    first_patch = patches & nn.functional.pad(boi[:, :-1], (1, 0), value=False)
+    advance = real & (~patches | first_patch)
+    return (advance.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _bad_image_runs(image_mask: torch.Tensor, run_length: int) -> torch.Tensor:
+    """Number of placeholder runs whose length is not ``run_length`` (0-d tensor)."""
+    boi, eoi = _image_run_edges(image_mask)
+    idx = torch.arange(image_mask.shape[1], device=image_mask.device).expand_as(image_mask)
+    start = torch.where(boi, idx, torch.full_like(idx, -1)).cummax(-1).values  # index of the run's boi
+    return (eoi & (idx - start + 1 != run_length)).sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CogVLMCausalLMOutputWithPast(ModelOutput):
+    """``logits`` (B, T, V) in float32; ``image_hidden_states`` (N_images, num_image_tokens, H) when encoded."""
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[object] = None
+    hidden_states: Optional[tuple] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+
+
+class CogVLMAdapter(nn.Module):
+    """Tower patches (N, g², H_vit) → LM image tokens (N, (g/d)² + 2, H): CogVLM2's 2x2 stride-2 conv over the
+    row-major grid (d = 2), then the GLU (linear_proj → LayerNorm → GELU → SwiGLU → dense_4h_to_h), then the
+    learned boi / eoi around the patches. No output scaling (unlike GLM-4V)."""
+
+    def __init__(self, config: CogVLMConfig):
+        super().__init__()
+        vision_hidden = config.vision_config.hidden_size
+        hidden, inner = config.text_config.hidden_size, config.text_config.intermediate_size
+        self.conv = (
+            nn.Conv2d(vision_hidden, vision_hidden, kernel_size=2, stride=2) if config.downsample == 2 else None
+        )
+        self.linear_proj = nn.Linear(vision_hidden, hidden, bias=False)
+        self.norm1 = nn.LayerNorm(hidden, eps=config.adapter_layer_norm_eps)
+        self.act1 = nn.GELU()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.dense_h_to_4h = nn.Linear(hidden, inner, bias=False)
+        self.dense_4h_to_h = nn.Linear(inner, hidden, bias=False)
+        self.boi = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.eoi = nn.Parameter(torch.zeros(1, 1, hidden))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            n, num_patches, channels = patches.shape
+            grid = math.isqrt(num_patches)
+            x = patches.view(n, grid, grid, channels).permute(0, 3, 1, 2)  # (N, H_vit, g, g)
+            patches = self.conv(x).flatten(2).transpose(1, 2)  # (N, (g/2)², H_vit), row-major
+        x = self.act1(self.norm1(self.linear_proj(patches)))
+        x = self.dense_4h_to_h(nn.functional.silu(self.gate_proj(x)) * self.dense_h_to_4h(x))  # (N, P, H)
+        n = x.shape[0]
+        return torch.cat([self.boi.to(x.dtype).expand(n, -1, -1), x, self.eoi.to(x.dtype).expand(n, -1, -1)], dim=1)
+
+
+class CogVLMPreTrainedModel(PreTrainedModel):
+    config_class = CogVLMConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaExpertDecoderLayer", "EvaVisionLayer", "CogVLMAdapter"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # the LLaMA block's flash/flex paths would read the repeated image positions as packed sequences
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        # the sub-models initialise their own parameters; the adapter and lm_head live here
+        super()._init_weights(module)
+        if isinstance(module, CogVLMAdapter):
+            init.normal_(module.boi, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.eoi, mean=0.0, std=self.config.initializer_range)
+
+
+class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
+    """CogVLM / CogVLM2 with a language-modeling head.
+
+    forward: ``input_ids`` (B, T) with each image as one run of ``config.num_image_tokens`` ×
+    ``config.image_token_id``; ``pixel_values`` (N_images, 3, S, S) for the images in order of appearance
+    → ``logits`` (B, T, V) float32.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: CogVLMConfig):
+        super().__init__(config)
+        self.vision_model = EvaVisionModel(config.vision_config)
+        self.adapter = CogVLMAdapter(config)
+        self.language_model = LlamaExpertModel(config.text_config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    # --- embeddings -------------------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.language_model
+
+    # --- images -----------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """(N, 3, S, S) → (N, num_image_tokens, H_text): [boi, patches, eoi]."""
+        patches = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (N, g², H_vit), no CLS
+        return self.adapter(patches.to(self.adapter.linear_proj.weight.dtype))
+
+    def _check_prefill(self, image_mask, num_images, token_type_ids, attention_mask) -> int:
+        """Placeholders vs images, run lengths and ``token_type_ids`` in one host sync; returns the number of
+        tokens routed to the vision expert."""
+        n_img = self.config.num_image_tokens
+        t = image_mask.shape[1]
+        real = torch.ones_like(image_mask) if attention_mask is None else attention_mask[:, -t:].bool()
+        if token_type_ids is not None:
+            if token_type_ids.shape != image_mask.shape:
+                raise ValueError(
+                    f"token_type_ids must match input_ids' shape {tuple(image_mask.shape)}, got "
+                    f"{tuple(token_type_ids.shape)}"
+                )
+            disagree = (((token_type_ids == VISION_TOKEN_TYPE) != image_mask) & real).sum()
+        else:
+            disagree = image_mask.new_zeros((), dtype=torch.long)
+        stats = torch.stack([
+            image_mask.sum(), _bad_image_runs(image_mask, n_img), disagree, cogvlm_vision_expert_mask(image_mask).sum()
+        ]).tolist()  # the one sync of a prefill
+        n_placeholders, bad_runs, n_disagree, num_vision = stats
+        if n_placeholders != num_images * n_img:
+            raise ValueError(
+                f"input_ids hold {n_placeholders} image placeholders (id {self.config.image_token_id}) but "
+                f"{num_images} image(s) need {num_images * n_img} ({n_img} each: boi, {n_img - 2} patches, eoi); "
+                "pixel_values must hold exactly the images in order of appearance"
+            )
+        if bad_runs:
+            raise ValueError(
+                f"{bad_runs} image placeholder run(s) are not exactly {n_img} long: each image must be one "
+                f"uninterrupted run of {n_img} placeholders (id {self.config.image_token_id})"
+            )
+        if n_disagree:
+            raise ValueError(
+                f"token_type_ids disagree with the image placeholders at {n_disagree} token(s): VISION (1) must "
+                f"mark exactly the placeholder runs (id {self.config.image_token_id}); omit token_type_ids to "
+                "derive them"
+            )
+        return num_vision
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values=None,
+        token_type_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CogVLMCausalLMOutputWithPast:
+        """
+        token_type_ids (B, T): optional (HF CogVLM's LANGUAGE 0 / VISION 1); derived from the placeholders, and
+            must agree with them where given.
+        position_ids (B, T): derived from the placeholders on prefill (``cogvlm_position_ids``); required once the
+            cache holds tokens (``generate`` passes them).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        # a static cache reports its length as a tensor: reading it would sync, so only an int 0 means prefill
+        seq = past_key_values.get_seq_length() if past_key_values is not None else 0
+        is_prefill = pixel_values is not None or (isinstance(seq, int) and seq == 0)
+        image_mask = None
+        image_features = None
+        routing = None
+        if input_ids is not None:
+            image_mask = input_ids == self.config.image_token_id  # (B, T)
+            num_vision = None
+            if is_prefill or token_type_ids is not None:
+                num_images = 0 if pixel_values is None else pixel_values.shape[0]
+                num_vision = self._check_prefill(image_mask, num_images, token_type_ids, attention_mask)
+            # the placeholder id lies outside the embedding table: never look it up
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+                routing = expert_routing(cogvlm_vision_expert_mask(image_mask), num_vision=num_vision)
+            if position_ids is None:
+                if not is_prefill:
+                    raise ValueError(
+                        "position_ids are required once the cache holds tokens: continue the prompt's positions "
+                        "(cogvlm_position_ids(prompt_ids == config.image_token_id, attention_mask)[:, -1:] + 1 for "
+                        "the first new token; generate() does this)"
+                    )
+                position_ids = cogvlm_position_ids(image_mask, attention_mask)
+        else:
+            if pixel_values is not None:
+                raise ValueError("pixel_values need input_ids (their placeholders say where the images go)")
+            if token_type_ids is not None and bool((token_type_ids == VISION_TOKEN_TYPE).any()):
+                raise ValueError("token_type_ids mark VISION tokens, but inputs_embeds carry no image placeholders")
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            vision_expert_mask=routing,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :]).float()  # fp32 logits, as the original
+
+        loss = None
+        if labels is not None:
+            if image_mask is not None:
+                labels = labels.masked_fill(image_mask, -100)  # image positions are never supervised
+            shift_logits = logits[:, :-1, :]
+            shift_labels = labels[:, 1:].to(shift_logits.device)
+            loss = nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+            )
+
+        return CogVLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=image_features,
+        )
+
+    # --- generation hooks -------------------------------------------------------------------------
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # generate() builds the prompt positions once (cumsum of the mask by default) and then adds +1 per new
+        # token; with the image block's 3-position rule in the prompt, that +1 continuation is exactly right
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = inputs_tensor
+        cache = model_kwargs.get("past_key_values")
+        mask = model_kwargs.get("attention_mask")
+        if (
+            input_ids is None
+            or input_ids.is_floating_point()
+            or (cache is not None and cache.get_seq_length() != 0)
+            or (mask is not None and mask.shape[-1] != input_ids.shape[1])
+        ):
+            return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        return cogvlm_position_ids(input_ids == self.config.image_token_id, mask)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, is_first_iteration=False, **kwargs
+    ):
+        # generate() would extend token_type_ids by repeating the last one (VISION after an eoi-final prompt):
+        # they are only checked at prefill and derived from the placeholders everywhere else
+        token_type_ids = kwargs.pop("token_type_ids", None)
+        if kwargs.get("position_ids") is None:
+            # generate() did not build positions (e.g. a caller's loop): derive them from the whole sequence
+            full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+            kwargs["position_ids"] = cogvlm_position_ids(input_ids == self.config.image_token_id, full_mask)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        ids = model_inputs.get("input_ids")
+        if token_type_ids is not None and ids is not None and model_inputs.get("pixel_values") is not None:
+            model_inputs["token_type_ids"] = token_type_ids[:, -ids.shape[1] :]
+        return model_inputs
+
+    # --- chat -------------------------------------------------------------------------------------
+    def _chat_inputs(self, tokenizer, image, query, history, template):
+        prompt = build_cogvlm_prompt(query, history, template)
+        ids = build_cogvlm_inputs(
+            tokenizer, prompt, image is not None, self.config.num_image_tokens, self.config.image_token_id
+        )
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pixel_values = None
+        if image is not None:
+            processor = CogVLMImageProcessor(size=self.config.vision_config.image_size)
+            pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+            pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.dtype)
+        return input_ids, pixel_values
+
+    def _chat_gen_kwargs(self, tokenizer, gen_kwargs):
+        # the demos' defaults: greedy, up to 2048 new tokens (CogVLM1: max_length 2048 in total)
+        kwargs = dict(do_sample=False)
+        if "max_length" not in gen_kwargs:
+            kwargs["max_new_tokens"] = 2048
+        kwargs.update(gen_kwargs)
+        kwargs.setdefault("eos_token_id", self.config.text_config.eos_token_id)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.text_config.pad_token_id
+        kwargs.setdefault("pad_token_id", pad)
+        return kwargs
+
+    @torch.no_grad()
+    def chat(self, tokenizer, image, query: str, history=None, template: Optional[str] = None, **gen_kwargs):
+        """One chat turn. ``image``: a path, a PIL image, or None (text only); ``template``: base | chat | vqa |
+        text (default ``config.template_version``). Returns ``(response, history + [(query, response)])``.
+        Generation defaults are the demos' (greedy, ``max_new_tokens=2048``); any ``generate`` kwarg overrides."""
+        history = _check_history(history)
+        template = template or self.config.template_version
+        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, template)
+        outputs = self.generate(
+            input_ids=input_ids, pixel_values=pixel_values, **self._chat_gen_kwargs(tokenizer, gen_kwargs)
+        )
+        new_tokens = outputs[0, input_ids.shape[1] :].tolist()
+        response = process_response(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        return response, history + [(query, response)]
+
+    @torch.no_grad()
+    def stream_chat(self, tokenizer, image, query: str, history=None, template: Optional[str] = None, **gen_kwargs):
+        """Like ``chat`` but yields ``(partial_response, history + [(query, partial_response)])`` per new token."""
+        history = _check_history(history)
+        template = template or self.config.template_version
+        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, template)
+        kwargs = self._chat_gen_kwargs(tokenizer, gen_kwargs)
+        streamer = _TokenQueueStreamer()
+        errors = []
+
+        def run():
+            try:
+                self.generate(input_ids=input_ids, pixel_values=pixel_values, streamer=streamer, **kwargs)
+            except BaseException as exc:  # re-raised in the consumer thread
+                errors.append(exc)
+            finally:
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        tokens: list[int] = []
+        for new_tokens in streamer:
+            tokens.extend(new_tokens)
+            response = process_response(tokenizer.decode(tokens, skip_special_tokens=True))
+            yield response, history + [(query, response)]
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+class _TokenQueueStreamer(BaseStreamer):
+    """Hands each step's new token ids of a batch-1 ``generate`` to a consumer thread."""
+
+    _END = object()
+
+    def __init__(self):
+        self.queue: Queue = Queue()
+        self.skip = True  # generate() first puts the prompt
+        self.ended = False
+
+    def put(self, value):
+        if self.skip:
+            self.skip = False
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        if not self.ended:
+            self.ended = True
+            self.queue.put(self._END)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            yield item
+
+
+__all__ = [
+    "CogVLMPreTrainedModel",
+    "CogVLMForConditionalGeneration",
+    "cogvlm_position_ids",
+    "cogvlm_vision_expert_mask",
+]
