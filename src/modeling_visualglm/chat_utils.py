@@ -16,16 +16,20 @@ from transformers.generation import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
 
-def check_history(history) -> list:
-    """``None`` → ``[]``; otherwise a list of ``(query, response)`` string pairs, else a clear error."""
+def check_history(history) -> list[tuple[str, str]]:
+    """``None`` → ``[]``; otherwise a list of ``(query, response)`` string pairs, else an error naming the turn."""
     if history is None:
         return []
     if not isinstance(history, (list, tuple)):
         raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
+    turns = []
     for i, turn in enumerate(history):
-        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(x, str) for x in turn)):
-            raise ValueError(f"history[{i}] must be a (query, response) pair of strings, got {turn!r}")
-    return [tuple(turn) for turn in history]
+        if isinstance(turn, str) or not isinstance(turn, (list, tuple)) or len(turn) != 2:
+            raise ValueError(f"history[{i}] must be a (query, response) pair, got {turn!r}")
+        if not all(isinstance(part, str) for part in turn):
+            raise TypeError(f"history[{i}] must hold two strings, got {tuple(type(p).__name__ for p in turn)}")
+        turns.append((turn[0], turn[1]))
+    return turns
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):

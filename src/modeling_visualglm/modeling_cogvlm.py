@@ -29,25 +29,22 @@ Deliberate differences from the originals:
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
-from queue import Queue
 from typing import Optional
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 
+from .chat_utils import check_history, stream_generate
 from .configuration_cogvlm import CogVLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_cogvlm import CogVLMImageProcessor
 from .llama import LlamaExpertModel, expert_routing
 from .processing_cogvlm import (
     VISION_TOKEN_TYPE,
-    _check_history,
     build_cogvlm_inputs,
     build_cogvlm_prompt,
     process_response,
@@ -402,7 +399,7 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         """One chat turn. ``image``: a path, a PIL image, or None (text only); ``template``: base | chat | vqa |
         text (default ``config.template_version``). Returns ``(response, history + [(query, response)])``.
         Generation defaults are the demos' (greedy, ``max_new_tokens=2048``); any ``generate`` kwarg overrides."""
-        history = _check_history(history)
+        history = check_history(history)
         template = template or self.config.template_version
         input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, template)
         outputs = self.generate(
@@ -415,61 +412,16 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def stream_chat(self, tokenizer, image, query: str, history=None, template: Optional[str] = None, **gen_kwargs):
         """Like ``chat`` but yields ``(partial_response, history + [(query, partial_response)])`` per new token."""
-        history = _check_history(history)
+        history = check_history(history)
         template = template or self.config.template_version
         input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, template)
         kwargs = self._chat_gen_kwargs(tokenizer, gen_kwargs)
-        streamer = _TokenQueueStreamer()
-        errors = []
 
-        def run():
-            try:
-                self.generate(input_ids=input_ids, pixel_values=pixel_values, streamer=streamer, **kwargs)
-            except BaseException as exc:  # re-raised in the consumer thread
-                errors.append(exc)
-            finally:
-                streamer.end()
+        def decode(tokens):
+            return process_response(tokenizer.decode(tokens, skip_special_tokens=True))
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        tokens: list[int] = []
-        for new_tokens in streamer:
-            tokens.extend(new_tokens)
-            response = process_response(tokenizer.decode(tokens, skip_special_tokens=True))
+        for response in stream_generate(self, decode, input_ids=input_ids, pixel_values=pixel_values, **kwargs):
             yield response, history + [(query, response)]
-        thread.join()
-        if errors:
-            raise errors[0]
-
-
-class _TokenQueueStreamer(BaseStreamer):
-    """Hands each step's new token ids of a batch-1 ``generate`` to a consumer thread."""
-
-    _END = object()
-
-    def __init__(self):
-        self.queue: Queue = Queue()
-        self.skip = True  # generate() first puts the prompt
-        self.ended = False
-
-    def put(self, value):
-        if self.skip:
-            self.skip = False
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self):
-        if not self.ended:
-            self.ended = True
-            self.queue.put(self._END)
-
-    def __iter__(self):
-        while True:
-            item = self.queue.get()
-            if item is self._END:
-                return
-            yield item
-
 
 __all__ = [
     "CogVLMPreTrainedModel",

@@ -34,6 +34,7 @@ import re
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from .chat_utils import check_history
 
 TEMPLATES = ("base", "chat", "vqa", "text")
 TEXT_ONLY_SYSTEM = (
@@ -50,25 +51,10 @@ def _check_query(query) -> None:
         raise ValueError("query is empty")
 
 
-def _check_history(history) -> list[tuple[str, str]]:
-    if history is None:
-        return []
-    if not isinstance(history, (list, tuple)):
-        raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
-    turns = []
-    for i, turn in enumerate(history):
-        if isinstance(turn, str) or not isinstance(turn, (list, tuple)) or len(turn) != 2:
-            raise ValueError(f"history[{i}] must be a (query, response) pair, got {turn!r}")
-        if not all(isinstance(part, str) for part in turn):
-            raise TypeError(f"history[{i}] must hold two strings, got {tuple(type(p).__name__ for p in turn)}")
-        turns.append((turn[0], turn[1]))
-    return turns
-
-
 def build_cogvlm_prompt(query: str, history=None, template: str = "chat") -> str:
     """The text after the image block for one turn (see the module docstring for the formats)."""
     _check_query(query)
-    turns = _check_history(history)
+    turns = check_history(history)
     if template == "base":
         return query
     if template in ("chat", "vqa"):

@@ -32,6 +32,7 @@ import re
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .chat_utils import check_history
 from .image_processing_visualglm import flatten_images
 
 IMAGE_MARKER = "<img></img>"
@@ -96,26 +97,11 @@ def _check_query(query) -> None:
         raise ValueError("query is empty")
 
 
-def _check_history(history) -> list[tuple[str, str]]:
-    if history is None:
-        return []
-    if not isinstance(history, (list, tuple)):
-        raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
-    turns = []
-    for i, turn in enumerate(history):
-        if isinstance(turn, str) or not isinstance(turn, (list, tuple)) or len(turn) != 2:
-            raise ValueError(f"history[{i}] must be a (query, response) pair, got {turn!r}")
-        if not all(isinstance(part, str) for part in turn):
-            raise TypeError(f"history[{i}] must hold two strings, got {tuple(type(p).__name__ for p in turn)}")
-        turns.append((turn[0], turn[1]))
-    return turns
-
-
 def build_visualglm_prompt(query: str, history=None, has_image: bool = True, english: bool | None = None) -> str:
     """The VisualGLM prompt text: ``<img></img>`` first when there is an image, then the history turns and the
     query as "问：…\\n答：…" (or "Q:…\\nA:…"). ``english=None``: English iff ``query`` has no CJK ideograph."""
     _check_query(query)
-    turns = _check_history(history)
+    turns = check_history(history)
     if english is None:
         english = not is_chinese(query)
     q, a = ("Q:", "A:") if english else ("问：", "答：")
