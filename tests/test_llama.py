@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import enable_checkpointing
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -403,7 +404,7 @@ def test_gradient_checkpointing_and_grads_reach_both_experts():
     with torch.no_grad():
         ref = model(ids, vision_expert_mask=vis).last_hidden_state
     model.train()
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     out = model(ids, vision_expert_mask=vis, use_cache=False)
     assert rel_err(out.last_hidden_state.detach(), ref) <= TOL
     out.last_hidden_state.square().mean().backward()
