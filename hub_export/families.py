@@ -102,4 +102,56 @@ VISUALGLM = Family(
     processor_kwargs=lambda config: {"num_image_tokens": config.num_image_tokens},
 )
 
-FAMILIES = {f.name: f for f in (VISUALGLM,)}
+MINIGPT4 = Family(
+    name="minigpt4",
+    model=ClassRef("modeling_minigpt4", "MiniGPT4ForConditionalGeneration"),
+    config=ClassRef("configuration_minigpt4", "MiniGPT4Config"),
+    tokenizer=ClassRef("processing_minigpt4", "MiniGPT4Tokenizer"),
+    processor=None,
+    image_processor=ClassRef("image_processing_visualglm", "VisualGLMImageProcessor"),
+    # Chat.answer defaults (MiniGPT-4 @ef1ac08 conversation.py; spec minigpt4.md §1.8)
+    generation_defaults=dict(max_new_tokens=300, num_beams=1, min_length=1, do_sample=True, top_p=0.9,
+                             repetition_penalty=1.0, length_penalty=1.0, temperature=1.0),
+    base_model="Vision-CAIR/MiniGPT-4",
+    license="bsd-3-clause",
+    tags=("minigpt4", "llama", "vicuna", "blip-2", "multimodal"),
+    languages=("en",),
+    title="MiniGPT-4",
+    summary=(
+        "MiniGPT-4 (Vision-CAIR): an EVA-CLIP ViT-g image encoder, a BLIP-2 Q-Former (Vicuna-v0) or merged "
+        "patch tokens (LLaMA-2, MiniGPT-v2) and one linear projection into a LLaMA language model. This folder is "
+        "a transformers 5.x `trust_remote_code` re-implementation with the original weights converted to safetensors."
+    ),
+    image_processor_kwargs=lambda config: {"size": config.vision_config.image_size},
+)
+
+COGVLM = Family(
+    name="cogvlm",
+    model=ClassRef("modeling_cogvlm", "CogVLMForConditionalGeneration"),
+    config=ClassRef("configuration_cogvlm", "CogVLMConfig"),
+    # CogVLM uses stock transformers tokenizers (Vicuna's Llama / Llama-3's): no remote tokenizer code
+    tokenizer=None,
+    processor=ClassRef("processing_cogvlm", "CogVLMProcessor"),
+    image_processor=ClassRef("image_processing_cogvlm", "CogVLMImageProcessor"),
+    # the HF demos' chat defaults: greedy, 2048 new tokens (cogvlm-chat-hf / cogvlm2-llama3-chat-19B README)
+    generation_defaults=dict(do_sample=False, max_new_tokens=2048),
+    base_model="THUDM/cogvlm-chat-hf",
+    license="other",
+    license_name="cogvlm-model-license",
+    license_link="https://github.com/THUDM/CogVLM/blob/main/MODEL_LICENSE",
+    tags=("cogvlm", "llama", "eva-clip", "multimodal"),
+    languages=("en",),
+    title="CogVLM",
+    summary=(
+        "CogVLM / CogVLM2 (THUDM): an EVA2-CLIP-E image encoder, a GLU adapter (CogVLM2: after a 2x2 conv "
+        "downsample) and a LLaMA language model with per-token visual-expert attention and MLP weights. This "
+        "folder is a transformers 5.x `trust_remote_code` re-implementation with the original weights converted "
+        "to safetensors."
+    ),
+    image_processor_kwargs=lambda config: {"size": config.vision_config.image_size},
+    processor_kwargs=lambda config: {"num_image_tokens": config.num_image_tokens,
+                                     "image_token_id": config.image_token_id,
+                                     "pad_token_id": config.text_config.pad_token_id},
+)
+
+FAMILIES = {f.name: f for f in (VISUALGLM, MINIGPT4, COGVLM)}

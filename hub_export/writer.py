@@ -88,7 +88,8 @@ def write_tokenizer_and_processor(folder: Path, family: Family, tokenizer, confi
 
     def tok_update(data):
         auto = data.setdefault("auto_map", {})
-        auto["AutoTokenizer"] = [family.tokenizer.auto_map_value, None]
+        if family.tokenizer is not None:  # None: a tokenizer class transformers ships (no remote code)
+            auto["AutoTokenizer"] = [family.tokenizer.auto_map_value, None]
         if family.processor is not None:
             auto["AutoProcessor"] = family.processor.auto_map_value
         data.pop("name_or_path", None)  # the scratch folder's path means nothing in the hub folder
@@ -130,7 +131,10 @@ def write_hub_folder(
 ) -> FolderResult:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None and getattr(config, "image_token_id", None) != tokenizer.image_token_id:
+    # stock transformers tokenizers (CogVLM's Llama ones) have no image token: the config alone defines it
+    if tokenizer is not None and getattr(config, "image_token_id", None) != getattr(
+        tokenizer, "image_token_id", getattr(config, "image_token_id", None)
+    ):
         raise ValueError(
             f"config.image_token_id={config.image_token_id} but the tokenizer's <image> id is {tokenizer.image_token_id}"
         )

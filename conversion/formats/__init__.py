@@ -3,8 +3,9 @@
 from .base import SOURCE_FLAGS, Format, Loaded
 from .fastchat import FastChatDelta
 from .llama import LlamaOriginal
+from .minigpt4 import MiniGPT4Format
 from .visualglm import HfVisualGLM, SatVisualGLM
 
-FORMATS: dict[str, Format] = {f.name: f for f in (SatVisualGLM(), HfVisualGLM(), LlamaOriginal(), FastChatDelta())}
+FORMATS: dict[str, Format] = {f.name: f for f in (SatVisualGLM(), HfVisualGLM(), LlamaOriginal(), FastChatDelta(), MiniGPT4Format())}
 
 __all__ = ["FORMATS", "SOURCE_FLAGS", "Format", "Loaded"]

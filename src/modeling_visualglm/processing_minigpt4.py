@@ -1,0 +1,128 @@
+"""MiniGPT-4 prompts, legacy-SentencePiece segment tokenization, answer post-processing, and its tokenizer.
+
+Implements the conversation handling of Vision-CAIR/MiniGPT-4 (@ef1ac08 ``minigpt4/conversation/conversation.py``
+``CONV_VISION_Vicuna0`` / ``CONV_VISION_LLama2`` and ``Chat.get_context_emb`` / ``Chat.answer``; HEAD
+``CONV_VISION_minigptv2``), spec minigpt4.md §1.7-1.8:
+
+- Vicuna-v0: ``{system}###Human: <Img><ImageHere></Img> {q}###Assistant: `` (SINGLE style, sep ``###``);
+- LLaMA-2:  ``{system}<s>[INST] <Img><ImageHere></Img> {q} [/INST] `` (sep ``""``);
+- MiniGPT-v2: ``<s>[INST] <Img><ImageHere></Img> {q} [/INST]`` (no system prompt).
+
+The original splits the prompt at ``<ImageHere>``, tokenizes every segment separately with the slow
+(legacy) SentencePiece ``LlamaTokenizer`` (BOS on the first segment only) and splices the image embeddings
+in between. Here the image becomes a run of ``image_token_id`` placeholders between the segment ids.
+
+Deliberate differences:
+- Legacy tokenization is reproduced on transformers 5's tokenizers-backed ``LlamaTokenizer``: a literal
+  ``<s>`` inside a segment becomes the BOS id and the text after it is encoded as a new SentencePiece
+  input (with its dummy-prefix ``▁``), as the slow tokenizer did; v5's ``legacy=False`` encoding would
+  drop that ``▁`` (spec §8).
+- ``###`` stops generation through transformers' ``stop_strings`` (any tokenization of ``###``), where the
+  original compared the tail to the two LLaMA id sequences [835] and [2277, 29937].
+"""
+
+from __future__ import annotations
+
+from transformers import LlamaTokenizer
+
+from .chat_utils import check_history
+
+IMAGE_SEGMENT = "<Img><ImageHere></Img>"
+IMAGE_HERE = "<ImageHere>"
+SYSTEM = (
+    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it "
+    "to you. Please answer my questions."
+)
+# (system, user role, assistant role, separator) — the SINGLE separator style of MiniGPT-4's Conversation
+TEMPLATES = {
+    "vicuna0": (SYSTEM, "Human: ", "Assistant: ", "###"),
+    "llama2": (SYSTEM, "<s>[INST] ", " [/INST] ", ""),
+    "minigptv2": ("", "<s>[INST] ", " [/INST]", ""),
+}
+# demo.py passes the "###" stopping criteria for both MiniGPT-4 variants; MiniGPT-v2 stops on </s> only
+STOP_STRINGS = {"vicuna0": ["###"], "llama2": ["###"], "minigptv2": []}
+
+
+def build_minigpt4_prompt(variant: str, query: str, history=None, has_image: bool = True) -> str:
+    """The conversation text of one turn. The image (if any) is the first user message, which ``ask()``
+    extends with the first query after a space; ``history`` holds earlier (query, answer) pairs."""
+    if variant not in TEMPLATES:
+        raise ValueError(f"unknown MiniGPT-4 variant {variant!r}; expected one of {sorted(TEMPLATES)}")
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a string, got {type(query).__name__}")
+    if IMAGE_HERE in query:
+        raise ValueError(f"query contains the image marker {IMAGE_HERE!r}; pass the image separately")
+    system, user, assistant, sep = TEMPLATES[variant]
+    turns = check_history(history) + [(query, None)]
+    prompt = system + sep
+    for i, (q, a) in enumerate(turns):
+        if i == 0 and has_image:
+            q = f"{IMAGE_SEGMENT} {q}"
+        prompt += user + q + sep
+        prompt += assistant if a is None else assistant + a + sep
+    return prompt
+
+
+def legacy_encode(tokenizer, text: str) -> list[int]:
+    """SentencePiece ids of ``text`` as the legacy slow ``LlamaTokenizer`` produced them (no BOS added):
+    literal ``<s>`` / ``</s>`` are the special ids, and each stretch of text around them is one SentencePiece
+    input with its own dummy-prefix ``▁``."""
+    ids: list[int] = []
+    specials = {"<s>": tokenizer.bos_token_id, "</s>": tokenizer.eos_token_id}
+    rest = text
+    while rest:
+        hits = [(rest.find(tok), tok) for tok in specials if rest.find(tok) >= 0]
+        if not hits:
+            ids += tokenizer.encode(rest, add_special_tokens=False)
+            break
+        pos, tok = min(hits)
+        if pos:
+            ids += tokenizer.encode(rest[:pos], add_special_tokens=False)
+        ids.append(specials[tok])
+        rest = rest[pos + len(tok):]
+    return ids
+
+
+def build_minigpt4_inputs(tokenizer, variant: str, query: str, history=None, has_image: bool = True,
+                          num_image_tokens: int = 32, image_token_id: int | None = None) -> list[int]:
+    """Prompt ids: BOS + segment ids, with ``num_image_tokens`` × ``image_token_id`` where ``<ImageHere>`` was."""
+    prompt = build_minigpt4_prompt(variant, query, history, has_image=has_image)
+    segments = prompt.split(IMAGE_HERE)
+    if image_token_id is None:
+        image_token_id = tokenizer.image_token_id
+    ids = [tokenizer.bos_token_id]  # the original adds BOS to the first segment only
+    for i, segment in enumerate(segments):
+        if i:
+            ids += [image_token_id] * num_image_tokens
+        ids += legacy_encode(tokenizer, segment)
+    return ids
+
+
+def process_response(text: str) -> str:
+    """``Chat.answer``'s clean-up: cut at the first ``###``, keep what follows the last ``Assistant:``, strip."""
+    text = text.split("###")[0]
+    text = text.split("Assistant:")[-1]
+    return text.strip()
+
+
+class MiniGPT4Tokenizer(LlamaTokenizer):
+    """transformers' ``LlamaTokenizer`` plus the model's ``image_token_id`` (saved in tokenizer_config.json).
+
+    The image id is not a vocabulary entry: it is the first id past the SentencePiece pieces (an extra
+    embedding row), only ever produced by :func:`build_minigpt4_inputs`."""
+
+    def __init__(self, *args, image_token_id=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_token_id = image_token_id
+        self.init_kwargs["image_token_id"] = image_token_id
+
+
+__all__ = [
+    "MiniGPT4Tokenizer",
+    "build_minigpt4_prompt",
+    "build_minigpt4_inputs",
+    "legacy_encode",
+    "process_response",
+    "TEMPLATES",
+    "STOP_STRINGS",
+]
