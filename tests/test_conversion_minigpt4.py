@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conversion.cli import main as convert_main
 
 VIT_H, QF_H, TXT_H, VOCAB = 176, 64, 48, 400  # ViT head dim 88 (2 heads), Q-Former head dim 64 (1 head)
+LORA_R, LORA_ALPHA = 64, 16  # MiniGPT-v2's peft LoraConfig (spec minigpt4.md)
 
 
 def rnd(*shape, g):
@@ -79,6 +81,12 @@ def make_sources(tmp_path, variant, tokenizer, out_f=TXT_H):
     else:
         in_f = 4 * VIT_H
     ck = {"llama_proj.weight": rnd(out_f, in_f, g=g), "llama_proj.bias": rnd(out_f, g=g)}
+    if variant == "minigptv2":  # peft names as saved by MiniGPT-v2 (r 64, targets q_proj / v_proj)
+        for i in range(2):
+            for p in ("q", "v"):
+                k = f"llama_model.base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_"
+                ck[k + "A.default.weight"] = rnd(LORA_R, TXT_H, g=g)
+                ck[k + "B.default.weight"] = rnd(TXT_H, LORA_R, g=g)
     torch.save({"model": ck, "epoch": 3}, tmp_path / "pretrained_minigpt4.pth")
     files["ckpt"] = tmp_path / "pretrained_minigpt4.pth"
     llama_folder(tmp_path / "llm", tokenizer)
@@ -166,12 +174,172 @@ def test_extra_key_and_missing_key(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_check_passes_on_converted_folder(tmp_path, capsys):
-    from hub_export.check import check_folder
+# --- logits parity against a reference built straight from the original files ------------------------------
+
+
+def interpolated_pos(pos_embed, grid):
+    """MiniGPT-v2's interpolate_pos_embed, recomputed here: CLS kept, the g×g grid resized bicubically in fp32."""
+    cls, pos = pos_embed[:, :1], pos_embed[:, 1:]
+    g = int(round(pos.shape[1] ** 0.5))
+    pos = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    pos = torch.nn.functional.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, pos.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def ref_vision(vit_sd: dict, depth: int, ln_w, ln_b):
+    """transformers' Blip2VisionModel on the first ``depth`` eva_vit_g blocks (EVA names → HF names), then
+    ln_vision (nn.LayerNorm, eps 1e-5) as BLIP-2's ``ln_vision(visual_encoder(image))``."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    grid = int(round((vit_sd["pos_embed"].shape[1] - 1) ** 0.5))
+    patch = vit_sd["patch_embed.proj.weight"].shape[-1]
+    hf = Blip2VisionModel(Blip2VisionConfig(
+        hidden_size=VIT_H, intermediate_size=vit_sd["blocks.0.mlp.fc1.weight"].shape[0], num_hidden_layers=depth,
+        num_attention_heads=VIT_H // 88, image_size=grid * patch, patch_size=patch, layer_norm_eps=1e-6,
+        qkv_bias=True, attention_dropout=0.0)).eval()
+    m = {"embeddings.class_embedding": vit_sd["cls_token"], "embeddings.position_embedding": vit_sd["pos_embed"],
+         "embeddings.patch_embedding.weight": vit_sd["patch_embed.proj.weight"],
+         "embeddings.patch_embedding.bias": vit_sd["patch_embed.proj.bias"],
+         "post_layernorm.weight": torch.ones(VIT_H), "post_layernorm.bias": torch.zeros(VIT_H)}
+    for i in range(depth):
+        b, t = f"blocks.{i}.", f"encoder.layers.{i}."
+        q, v = vit_sd[b + "attn.q_bias"], vit_sd[b + "attn.v_bias"]
+        m[t + "self_attn.qkv.weight"] = vit_sd[b + "attn.qkv.weight"]
+        m[t + "self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])  # how HF's Blip2Attention builds it
+        for wb in ("weight", "bias"):
+            m[t + f"layer_norm1.{wb}"] = vit_sd[b + f"norm1.{wb}"]
+            m[t + f"layer_norm2.{wb}"] = vit_sd[b + f"norm2.{wb}"]
+            m[t + f"self_attn.projection.{wb}"] = vit_sd[b + f"attn.proj.{wb}"]
+            m[t + f"mlp.fc1.{wb}"], m[t + f"mlp.fc2.{wb}"] = vit_sd[b + f"mlp.fc1.{wb}"], vit_sd[b + f"mlp.fc2.{wb}"]
+    hf.load_state_dict(m, strict=True)
+    hf.post_layernorm = torch.nn.Identity()  # EVA has no final norm; ln_vision follows with its own eps
+    return lambda pix: torch.nn.functional.layer_norm(hf(pixel_values=pix).last_hidden_state, (VIT_H,), ln_w, ln_b,
+                                                      eps=1e-5)
+
+
+def ref_qformer(b2: dict):
+    """transformers' Blip2QFormerModel loaded from LAVIS names (``Qformer.bert.*``)."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    n = 1 + max(int(k.split(".")[4]) for k in b2 if k.startswith("Qformer.bert.encoder.layer."))
+    hf = Blip2QFormerModel(Blip2QFormerConfig(
+        hidden_size=QF_H, num_hidden_layers=n, num_attention_heads=QF_H // 64,
+        intermediate_size=b2["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=1e-12, cross_attention_frequency=2,
+        encoder_hidden_size=VIT_H, use_qformer_text_input=False)).eval()
+    m = {}
+    for k, v in b2.items():
+        if not k.startswith("Qformer.bert.") or k.endswith("position_ids"):
+            continue
+        k = k[len("Qformer.bert."):].replace("embeddings.LayerNorm", "layernorm")
+        m[k.replace("attention.self.", "attention.attention.")] = v  # also crossattention.self.
+    missing, unexpected = hf.load_state_dict(m, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return lambda vis: hf(query_embeds=b2["query_tokens"].expand(vis.shape[0], -1, -1),
+                          encoder_hidden_states=vis).last_hidden_state
+
+
+def peft_merged(llama, ck):
+    """peft's own merge of the checkpoint's LoRA (as MiniGPT-v2's LoraConfig) into the Llama."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                     bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(llama, cfg)
+    lora = {k[len("llama_model."):]: v for k, v in ck.items() if ".lora_" in k}
+    result = set_peft_model_state_dict(model, lora)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return model.merge_and_unload().eval()
+
+
+def reference_logits_from_files(files, segments, pix, variant):
+    """The original forward: encode_img (ln_vision(ViT) → Q-Former or merge-4 → llama_proj), then the image
+    embeddings spliced between the separately embedded text segments of ``get_context_emb``."""
+    from transformers import LlamaForCausalLM
+
+    vit_sd = torch.load(files["vit"])
+    ck = torch.load(files["ckpt"])["model"]
+    depth = 1 + max(int(k.split(".")[1]) for k in vit_sd if k.startswith("blocks.")) - 1  # eva_vit_g: last dropped
+    with torch.no_grad():
+        if variant == "vicuna0":
+            b2 = torch.load(files["blip2"])["model"]
+            vis = ref_vision(vit_sd, depth, b2["ln_vision.weight"], b2["ln_vision.bias"])(pix)
+            feats = ref_qformer(b2)(vis)
+        else:
+            if variant == "minigptv2":  # 448 px: positions interpolated to twice the grid side
+                grid = int(round((vit_sd["pos_embed"].shape[1] - 1) ** 0.5))
+                vit_sd = {**vit_sd, "pos_embed": interpolated_pos(vit_sd["pos_embed"], 2 * grid)}
+            vis = ref_vision(vit_sd, depth, torch.ones(VIT_H), torch.zeros(VIT_H))(pix)
+            patches = vis[:, 1:]
+            feats = patches.reshape(patches.shape[0], patches.shape[1] // 4, VIT_H * 4)
+        img = torch.nn.functional.linear(feats, ck["llama_proj.weight"], ck["llama_proj.bias"])
+        llama = LlamaForCausalLM.from_pretrained(files["llm"]).eval()
+        if variant == "minigptv2":
+            llama = peft_merged(llama, ck)
+        embs = [llama.model.embed_tokens(torch.tensor([segments[0]])), img,
+                llama.model.embed_tokens(torch.tensor([segments[1]]))]
+        return llama(inputs_embeds=torch.cat(embs, dim=1)).logits
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
+@pytest.mark.parametrize("variant", ["vicuna0", "llama2", "minigptv2"])
+def test_converted_folder_logits_match_original_files(variant, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
 
     tok = _tokenizer(tmp_path)
-    files = make_sources(tmp_path, "llama2", tok)
+    files = make_sources(tmp_path, variant, tok)
     out = tmp_path / "out"
-    assert run(files, out) == 0
-    capsys.readouterr()
-    assert check_folder(out) == 0, capsys.readouterr()
+    assert run(files, out) == 0, capsys.readouterr()
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(model).__name__ == "MiniGPT4ForConditionalGeneration"
+    # separately tokenized segments around <ImageHere>, BOS only on the first (the original get_context_emb)
+    segments = [[tok.bos_token_id] + tok.encode("###Human: <Img>", add_special_tokens=False),
+                tok.encode("</Img> what is this###Assistant: ", add_special_tokens=False)]
+    n_img = model.config.num_image_tokens
+    assert n_img == {"vicuna0": 8, "llama2": 4, "minigptv2": 16}[variant]  # v2: 8x8 patches at twice the side
+    size = 112 if variant == "minigptv2" else 56
+    pix = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(5))
+    ids = torch.tensor([segments[0] + [model.config.image_token_id] * n_img + segments[1]])
+    with torch.no_grad():
+        ours = model(input_ids=ids, pixel_values=pix).logits
+    ref = reference_logits_from_files(files, segments, pix, variant)
+    assert ours.shape[:2] == ref.shape[:2] and ours.shape[-1] == VOCAB + 1  # + the placeholder row
+    assert (ours[..., :VOCAB] - ref).abs().max() / ref.abs().max() <= 1e-4
+    if variant == "vicuna0":  # the hub check (fresh interpreter, trust_remote_code, one chat turn)
+        from hub_export.cli import main as export_main
+
+        capsys.readouterr()
+        assert export_main(["check", "--folder", str(out)]) == 0, capsys.readouterr()
+
+
+def test_minigptv2_lora_merge_and_position_interpolation(tmp_path, capsys):
+    """The variant is inferred from the LoRA keys; q/v get W + (α/r)·B·A, k and o stay; the 4x4 grid becomes
+    8x8 by a bicubic resize computed here independently."""
+    import json
+
+    from safetensors.torch import load_file
+
+    tok = _tokenizer(tmp_path)
+    files = make_sources(tmp_path, "minigptv2", tok)
+    out = tmp_path / "out"
+    assert run(files, out) == 0, capsys.readouterr()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["variant"] == "minigptv2" and cfg["vision_config"]["image_size"] == 112
+    sd = load_file(out / "model.safetensors")
+    vit, ck = torch.load(files["vit"]), torch.load(files["ckpt"])["model"]
+    pos = sd["vision_model.embeddings.position_embedding"]
+    assert pos.shape == (1 + 64, VIT_H)
+    assert torch.allclose(pos, interpolated_pos(vit["pos_embed"], 8)[0], atol=1e-6, rtol=0)
+    base = load_file(files["llm"] / "model.safetensors")
+    qkv = sd["language_model.layers.1.self_attn.language_expert_query_key_value.weight"]
+    q, k, v = qkv.split(TXT_H)
+    lp = "llama_model.base_model.model.model.layers.1.self_attn."
+    for name, got in (("q", q), ("v", v)):
+        delta = ck[lp + f"{name}_proj.lora_B.default.weight"] @ ck[lp + f"{name}_proj.lora_A.default.weight"]
+        want = base[f"model.layers.1.self_attn.{name}_proj.weight"] + LORA_ALPHA / LORA_R * delta
+        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+        assert not torch.allclose(got, base[f"model.layers.1.self_attn.{name}_proj.weight"], atol=1e-3)
+    assert torch.equal(k, base["model.layers.1.self_attn.k_proj.weight"])
+    # LoRA keys contradict --variant llama2
+    assert run(files, tmp_path / "out2", "--variant", "llama2") == 1
+    assert "LoRA keys" in capsys.readouterr().err
