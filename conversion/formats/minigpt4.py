@@ -35,7 +35,7 @@ from .llama import read_json
 
 VIT_HEAD_DIM = 88  # EVA ViT-g: 1408 / 16 heads
 BERT_HEAD_DIM = 64  # bert-base-uncased: 768 / 12 heads
-LORA_SCALE = 16 / 64  # MiniGPT-v2: lora_alpha 16, r 64
+LORA_ALPHA = 16  # MiniGPT-v2's LoraConfig; the rank is read from the lora_A shapes (r 64 in the release)
 
 
 # --- ops ----------------------------------------------------------------------------------------------------
@@ -74,8 +74,9 @@ def interpolate_pos(t: torch.Tensor, *, grid: int) -> tuple[torch.Tensor]:
 
 
 @register("minigpt4_fuse_qkv_lora")
-def fuse_qkv_lora(q, k, v, qa, qb, va, vb, *, scale: float) -> tuple[torch.Tensor]:
-    """q/k/v with the LoRA deltas of q and v merged (W + scale · B A), then fused blocked [Q; K; V]."""
+def fuse_qkv_lora(q, k, v, qa, qb, va, vb, *, alpha: float) -> tuple[torch.Tensor]:
+    """q/k/v with the LoRA deltas of q and v merged (W + alpha/r · B A, peft's scaling), then fused blocked [Q; K; V]."""
+    scale = alpha / qa.shape[0]  # lora_A is [r, in]
     if not q.is_meta:
         q = (q.float() + scale * (qb.float() @ qa.float())).to(q.dtype)
         v = (v.float() + scale * (vb.float() @ va.float())).to(v.dtype)
@@ -151,7 +152,7 @@ def llm_rules(rows: int, lora: bool) -> list:
         lp = "ckpt.llama_model.base_model.model.model.layers.{i}.self_attn."
         lora_src = tuple(lp + f"{p}_proj.lora_{ab}.default.weight" for p in "qv" for ab in "AB")
         qkv = convert(qkv_src + lora_src, o + "self_attn.language_expert_query_key_value.weight",
-                      "minigpt4_fuse_qkv_lora", scale=LORA_SCALE)
+                      "minigpt4_fuse_qkv_lora", alpha=LORA_ALPHA)
     else:
         qkv = convert(qkv_src, o + "self_attn.language_expert_query_key_value.weight", "fuse_qkv")
     return [
@@ -328,7 +329,7 @@ class MiniGPT4Format(Format):
             rules += vit_rules("vit.", n_blocks, depth, pos_grid)
         rules += llm_rules(rows, lora=variant == "minigptv2")
         if variant == "minigptv2":
-            notes.append(f"LoRA merged into q_proj/v_proj (scale {LORA_SCALE}); ViT positions interpolated "
+            notes.append(f"LoRA merged into q_proj/v_proj (lora_alpha {LORA_ALPHA} / r); ViT positions interpolated "
                          f"{grid}x{grid} → {pos_grid}x{pos_grid}")
         source = PrefixedSource(parts, description=f"MiniGPT-4 {variant} ({', '.join(parts)})")
         return Loaded(source=source, rules=rules, config=config, model_class=MiniGPT4ForConditionalGeneration,
