@@ -24,7 +24,7 @@ def render_card(family: Family, *, model_id: str, source_note: str, files_note: 
     )
     status = "" if complete else (
         "\n> **Incomplete folder:** it has no tokenizer files. Re-run the conversion with `--tokenizer` "
-        "(ChatGLM-6B's `ice_text.model`) before using or uploading it.\n"
+        f"({family.tokenizer_hint}) before using or uploading it.\n"
     )
     body = f"""
 # {family.title} (transformers remote code)

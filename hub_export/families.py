@@ -59,6 +59,8 @@ class Family:
     processor_kwargs: Callable[[object], dict] = lambda config: {}
     model_auto_classes: tuple[str, ...] = field(
         default=("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"))
+    # what --tokenizer should point at, for the "incomplete folder" messages
+    tokenizer_hint: str = "ChatGLM-6B's ice_text.model or a folder holding it"
 
     def code_modules(self) -> list[str]:
         refs = [self.model, self.config, self.tokenizer, self.processor, self.image_processor]
@@ -112,6 +114,7 @@ MINIGPT4 = Family(
     # Chat.answer defaults (MiniGPT-4 @ef1ac08 conversation.py; spec minigpt4.md §1.8)
     generation_defaults=dict(max_new_tokens=300, num_beams=1, min_length=1, do_sample=True, top_p=0.9,
                              repetition_penalty=1.0, length_penalty=1.0, temperature=1.0),
+    tokenizer_hint="the Vicuna / Llama-2 `tokenizer.model`, i.e. the --llm folder's tokenizer",
     base_model="Vision-CAIR/MiniGPT-4",
     license="bsd-3-clause",
     tags=("minigpt4", "llama", "vicuna", "blip-2", "multimodal"),
@@ -152,6 +155,7 @@ COGVLM = Family(
     processor_kwargs=lambda config: {"num_image_tokens": config.num_image_tokens,
                                      "image_token_id": config.image_token_id,
                                      "pad_token_id": config.text_config.pad_token_id},
+    tokenizer_hint="CogVLM1: a Vicuna-7B-v1.5 tokenizer folder; CogVLM2: its Llama-3 tokenizer folder",
 )
 
 FAMILIES = {f.name: f for f in (VISUALGLM, MINIGPT4, COGVLM)}

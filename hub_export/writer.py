@@ -150,9 +150,8 @@ def write_hub_folder(
     if not complete:
         (folder / INCOMPLETE_MARKER).write_text(
             "This folder is incomplete: it has weights, config.json and the model code but no tokenizer\n"
-            "(ice_text.model, tokenizer_config.json) and no processor files, and config.json has no\n"
-            "image_token_id. Re-run visualglm-convert with --tokenizer PATH (ChatGLM-6B's ice_text.model or a\n"
-            "folder holding it). `visualglm-export check` and `push` refuse this folder until then.\n"
+            "files and no processor files. Re-run visualglm-convert with --tokenizer PATH\n"
+            f"({family.tokenizer_hint}). `visualglm-export check` and `push` refuse this folder until then.\n"
         )
         other.append(INCOMPLETE_MARKER)
     files_note = (

@@ -1,0 +1,338 @@
+"""CogVLM / CogVLM2 sources: the SwissArmyTransformer (SAT) release and THUDM's HF folders.
+
+- ``sat-cogvlm``: ``latest``, ``<iter>/mp_rank_00_model_states.pt`` (weights under ``'module'``) and
+  ``model_config.json`` with ``eva_args`` (THUDM/CogVLM's ``CogVLMModel``; spec cogvlm.md §3.1).
+- ``hf-cogvlm``: ``cogvlm-chat-hf`` / ``cogvlm-base-*-hf`` / ``cogvlm-grounding-*-hf`` (v1) and
+  ``cogvlm2-llama3-*`` (v2) folders: ``config.json`` with ``vision_config``, safetensors or ``.bin`` shards.
+
+Both load by renaming alone (spec cogvlm.md §3.2: every weight is [out, in] in both, fused qkv layouts equal):
+no transpose, split or permutation. The version is read from the structure: a 2x2 ``conv`` before the adapter
+means CogVLM2 (8 KV heads, RoPE base 500000, a bias on the vision-expert qkv only).
+
+v1 HF folders carry no tokenizer (THUDM's demos load ``lmsys/vicuna-7b-v1.5``'s): pass ``--tokenizer`` with a
+Llama tokenizer folder, or the folder is written incomplete. CogVLM2 folders ship their Llama-3 tokenizer.
+The image placeholders get their own id, the text vocab size (``CogVLMConfig``'s default), not the pad id
+the original code used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hub_export.families import COGVLM
+
+from ..errors import ConversionError
+from ..rules import drop, rename
+from ..sources import hf_folder_source, torch_file_source
+from .base import Format, Loaded, existing_dir
+
+ROPE_THETA = {"cogvlm": 10000.0, "cogvlm2": 500000.0}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+# --- rule tables ------------------------------------------------------------------------------------------
+
+def _vision_layer_rules(src_layers: str, mlp: tuple[str, str]) -> list:
+    """EVA2-CLIP-E layers under ``src_layers`` (``….layers.``); ``mlp`` = the source's (in, out) fc names."""
+    fc_in, fc_out = mlp
+    return [
+        rename(src_layers + "{i}.{ln:input_layernorm|post_attention_layernorm}.{wb}",
+               "vision_model.layers.{i}.{ln}.{wb}"),
+        rename(src_layers + "{i}.attention.{lin:query_key_value|dense}.{wb}",
+               "vision_model.layers.{i}.attention.{lin}.{wb}"),
+        rename(src_layers + "{i}.mlp." + fc_in + ".{wb}", "vision_model.layers.{i}.mlp.dense_h_to_4h.{wb}"),
+        rename(src_layers + "{i}.mlp." + fc_out + ".{wb}", "vision_model.layers.{i}.mlp.dense_4h_to_h.{wb}"),
+    ]
+
+
+def _adapter_rules(prefix: str) -> list:
+    """GLU adapter, boi/eoi and CogVLM2's conv under ``prefix`` (SAT ``mixins.eva.``, HF ``model.vision.``)."""
+    return [
+        rename(prefix + "linear_proj.{lin:linear_proj|gate_proj|dense_h_to_4h|dense_4h_to_h}.weight",
+               "adapter.{lin}.weight"),
+        rename(prefix + "linear_proj.norm1.{wb}", "adapter.norm1.{wb}"),
+        rename(prefix + "{tok:boi|eoi}", "adapter.{tok}"),
+        rename(prefix + "conv.{wb}", "adapter.conv.{wb}"),
+    ]
+
+
+def hf_rules() -> list:
+    vis = "model.vision."
+    return [
+        rename("model.embed_tokens.weight", "language_model.embed_tokens.weight"),
+        rename("model.layers.{i}.{ln:input_layernorm|post_attention_layernorm}.weight",
+               "language_model.layers.{i}.{ln}.weight"),
+        rename("model.layers.{i}.self_attn.{lin:language_expert_query_key_value|language_expert_dense|"
+               "vision_expert_query_key_value|vision_expert_dense}.{wb}",
+               "language_model.layers.{i}.self_attn.{lin}.{wb}"),
+        rename("model.layers.{i}.mlp.{expert:language_mlp|vision_mlp}.{lin:gate_proj|up_proj|down_proj}.weight",
+               "language_model.layers.{i}.mlp.{expert}.{lin}.weight"),
+        rename("model.norm.weight", "language_model.norm.weight"),
+        rename("lm_head.weight", "lm_head.weight"),
+        drop("model.layers.{i}.self_attn.rotary_emb.inv_freq",
+             "rotary frequencies are a buffer of THUDM's code; our model recomputes them from the config"),
+        rename(vis + "patch_embedding.proj.{wb}", "vision_model.embeddings.patch_embedding.{wb}"),
+        rename(vis + "patch_embedding.cls_embedding", "vision_model.embeddings.cls_embedding"),
+        rename(vis + "patch_embedding.position_embedding.weight", "vision_model.embeddings.position_embedding"),
+        *_vision_layer_rules(vis + "transformer.layers.", ("fc1", "fc2")),
+        *_adapter_rules(vis),
+    ]
+
+
+def sat_rules() -> list:
+    vit = "mixins.eva.vit_model."
+    layer = "language_model.layers.{i}."
+    return [
+        rename("transformer.word_embeddings.weight", "language_model.embed_tokens.weight"),
+        rename("transformer.layers.{i}.{ln:input_layernorm|post_attention_layernorm}.weight", layer + "{ln}.weight"),
+        rename("transformer.layers.{i}.attention.query_key_value.weight",
+               layer + "self_attn.language_expert_query_key_value.weight"),
+        rename("transformer.layers.{i}.attention.dense.weight", layer + "self_attn.language_expert_dense.weight"),
+        # the visual expert lives in SAT mixins: ModuleDicts keyed by the layer number
+        rename("mixins.rotary.vision_query_key_value_list.{i}.{wb}",
+               layer + "self_attn.vision_expert_query_key_value.{wb}"),
+        rename("mixins.rotary.vision_dense_list.{i}.weight", layer + "self_attn.vision_expert_dense.weight"),
+        rename("mixins.mlp.gate_proj.{i}.weight", layer + "mlp.language_mlp.gate_proj.weight"),
+        rename("transformer.layers.{i}.mlp.dense_h_to_4h.weight", layer + "mlp.language_mlp.up_proj.weight"),
+        rename("transformer.layers.{i}.mlp.dense_4h_to_h.weight", layer + "mlp.language_mlp.down_proj.weight"),
+        rename("mixins.mlp.vision_gate_proj.{i}.weight", layer + "mlp.vision_mlp.gate_proj.weight"),
+        rename("mixins.mlp.vision_dense_h_to_4h_list.{i}.weight", layer + "mlp.vision_mlp.up_proj.weight"),
+        rename("mixins.mlp.vision_dense_4h_to_h_list.{i}.weight", layer + "mlp.vision_mlp.down_proj.weight"),
+        rename("transformer.final_layernorm.weight", "language_model.norm.weight"),
+        rename("mixins.lm.lm_head.weight", "lm_head.weight"),
+        drop("mixins.rotary.rotary_emb.inv_freq",
+             "rotary frequencies are a persistent SAT buffer; our model recomputes them from the config"),
+        rename(vit + "mixins.patch_embedding.proj.{wb}", "vision_model.embeddings.patch_embedding.{wb}"),
+        # SAT's ViT is a BaseModel with a one-row vocabulary: its "word embedding" is the CLS token
+        rename(vit + "transformer.word_embeddings.weight", "vision_model.embeddings.cls_embedding"),
+        rename(vit + "transformer.position_embeddings.weight", "vision_model.embeddings.position_embedding"),
+        *_vision_layer_rules(vit + "transformer.layers.", ("dense_h_to_4h", "dense_4h_to_h")),
+        *_adapter_rules("mixins.eva."),
+    ]
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConversionError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return data
+
+
+def _need(args: dict, keys: tuple[str, ...], where: str, problems: list):
+    """The first of ``keys`` present in ``args`` (aliases of one setting), or a problem."""
+    for key in keys:
+        if args.get(key) is not None:
+            return args[key]
+    problems.append(f"{where} has no {' / '.join(repr(k) for k in keys)}")
+    return None
+
+
+def _square(size, where: str, problems: list):
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            problems.append(f"{where}: image_size {size} is not square; only square inputs are supported")
+            return None
+        size = size[0]
+    return size
+
+
+def cogvlm_config(text: dict, vision: dict, *, version: str, where: str, tokenizer, hf: bool):
+    """``CogVLMConfig`` from THUDM's HF ``config.json`` (``hf``) or SAT's ``model_config.json`` arguments."""
+    from modeling_visualglm.configuration_cogvlm import CogVLMConfig
+
+    problems: list[str] = []
+    vwhere = f"{where} ({'vision_config' if hf else 'eva_args'})"
+    if hf:
+        v = dict(
+            image_size=_square(_need(vision, ("image_size",), vwhere, problems), vwhere, problems),
+            patch_size=_need(vision, ("patch_size",), vwhere, problems),
+            num_channels=vision.get("in_channels", 3),
+            hidden_size=_need(vision, ("hidden_size",), vwhere, problems),
+            intermediate_size=_need(vision, ("intermediate_size",), vwhere, problems),
+            num_hidden_layers=_need(vision, ("num_hidden_layers",), vwhere, problems),
+            num_attention_heads=_need(vision, ("num_heads", "num_attention_heads"), vwhere, problems),
+            layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+            hidden_act=vision.get("hidden_act", "gelu"),
+        )
+        positions = vision.get("num_positions")
+    else:
+        for key, want in {"layernorm_order": "post", "use_final_layernorm": False, "pre_len": 1,
+                          "post_len": 0}.items():
+            if key in vision and vision[key] != want:
+                problems.append(f"{vwhere}: {key}={vision[key]!r} is not EVA2-CLIP-E's ({want!r}); unsupported")
+        hidden = _need(vision, ("hidden_size",), vwhere, problems)
+        v = dict(
+            image_size=_square(_need(vision, ("image_size",), vwhere, problems), vwhere, problems),
+            patch_size=vision.get("patch_size", 14),
+            num_channels=vision.get("in_channels", 3),
+            hidden_size=hidden,
+            intermediate_size=vision.get("inner_hidden_size") or 4 * (hidden or 0),
+            num_hidden_layers=_need(vision, ("num_layers",), vwhere, problems),
+            num_attention_heads=_need(vision, ("num_attention_heads",), vwhere, problems),
+            # SAT's BaseTransformer default; CogVLM's eva_args set 1e-6
+            layer_norm_eps=vision.get("layernorm_epsilon", 1e-5),
+        )
+        positions = vision.get("max_sequence_length")
+    v.update(qkv_bias=True, layernorm_order="post_sublayer", use_post_layernorm=False, drop_cls_token=True)
+    if v["image_size"] and v["patch_size"]:
+        grid = v["image_size"] // v["patch_size"]
+        if positions is not None and positions != grid * grid + 1:
+            problems.append(f"{vwhere}: {positions} positions but a {v['image_size']} px image with patch "
+                            f"{v['patch_size']} has {grid}x{grid} patches + CLS = {grid * grid + 1}")
+        if version == "cogvlm2" and grid % 2:
+            problems.append(f"{vwhere}: CogVLM2's 2x2 conv needs an even patch grid, got {grid}x{grid}")
+
+    heads = _need(text, ("num_attention_heads",), where, problems)
+    hidden = _need(text, ("hidden_size",), where, problems)
+    t = dict(
+        vocab_size=_need(text, ("vocab_size",), where, problems),
+        hidden_size=hidden,
+        intermediate_size=(_need(text, ("intermediate_size",), where, problems) if hf
+                           else _need(text, ("inner_hidden_size",), where, problems)),
+        num_hidden_layers=_need(text, ("num_hidden_layers",) if hf else ("num_layers",), where, problems),
+        num_attention_heads=heads,
+        # CogVLM2's grouped-query heads are called num_multi_query_heads in THUDM's code
+        num_key_value_heads=text.get("num_multi_query_heads") or text.get("num_key_value_heads") or heads,
+        rope_theta=float(text.get("rope_theta") or ROPE_THETA[version]),
+        rms_norm_eps=text.get("rms_norm_eps" if hf else "layernorm_epsilon") or 1e-5,
+        max_position_embeddings=text.get("max_position_embeddings" if hf else "max_sequence_length")
+        or (2048 if version == "cogvlm" else 8192),
+        vision_qkv_bias=version == "cogvlm2",
+        hidden_act=text.get("hidden_act", "silu"),
+    )
+    if version == "cogvlm2" and t["num_key_value_heads"] == heads:
+        problems.append(f"{where}: the checkpoint has CogVLM2's conv but no num_multi_query_heads (8 KV heads)")
+    if not hf and text.get("use_bias"):
+        problems.append(f"{where}: use_bias=true; CogVLM's language linears have no bias")
+    defaults = {"bos_token_id": (1, 128000), "eos_token_id": (2, 128001), "pad_token_id": (0, 128002)}
+    for key, (v1, v2) in defaults.items():
+        from_cfg = text.get(key)
+        from_tok = getattr(tokenizer, key, None) if tokenizer is not None else None
+        if key != "pad_token_id" and from_cfg is not None and from_tok is not None and from_cfg != from_tok:
+            problems.append(f"{where}: {key}={from_cfg} but the tokenizer's is {from_tok} (wrong tokenizer?)")
+        t[key] = from_cfg if from_cfg is not None else from_tok if from_tok is not None else (
+            v1 if version == "cogvlm" else v2)
+    if isinstance(t["eos_token_id"], list):  # a list of stop ids: the config keeps the first
+        t["eos_token_id"] = t["eos_token_id"][0]
+    if tokenizer is not None and t["vocab_size"] and len(tokenizer) > t["vocab_size"]:
+        problems.append(f"the tokenizer has {len(tokenizer)} tokens but the model only {t['vocab_size']} "
+                        "embedding rows (wrong tokenizer?)")
+    if problems:
+        raise ConversionError(problems, header=f"cannot build a CogVLM config from {where}")
+    return CogVLMConfig(version=version, vision_config=v, text_config=t,
+                        template_version=text.get("template_version", "chat"))
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------
+
+def load_tokenizer(explicit: str | None, fallback: Path | None):
+    """``--tokenizer`` (a tokenizer folder, or a file inside one), else ``fallback`` if it holds one."""
+    if explicit is not None:
+        path = Path(explicit)
+        folder = path.parent if path.is_file() else path
+        if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ConversionError(f"--tokenizer {explicit}: no tokenizer there (expected one of {TOKENIZER_FILES})")
+    elif fallback is not None and any((fallback / f).is_file() for f in TOKENIZER_FILES):
+        folder = fallback
+    else:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (ValueError, OSError, RuntimeError, TypeError) as e:
+        raise ConversionError(f"{folder}: cannot load a tokenizer: {e}") from None
+    if tokenizer.bos_token_id is None:
+        raise ConversionError(f"{folder}: the tokenizer has no bos token; CogVLM prompts start with one")
+    return tokenizer
+
+
+def _loaded(source, rules, config, tokenizer, notes, version):
+    from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
+
+    notes = [*notes, f"version {version}: " + (
+        "2x2 conv downsample, RoPE base 500000, vision-expert qkv bias" if version == "cogvlm2"
+        else "no downsample, RoPE base 10000"),
+        f"image placeholders use id {config.image_token_id} (the text vocab size), not the original pad id"]
+    if tokenizer is None:
+        notes.append("no tokenizer found: the folder will be marked incomplete (pass --tokenizer: "
+                     "a Vicuna-7B-v1.5 / Llama tokenizer folder for CogVLM1)")
+    return Loaded(source=source, rules=rules, config=config, model_class=CogVLMForConditionalGeneration,
+                  family=COGVLM, tokenizer=tokenizer, notes=notes)
+
+
+# --- formats ---------------------------------------------------------------------------------------------
+
+class SatCogVLM(Format):
+    name = "sat-cogvlm"
+    help = ("SwissArmyTransformer CogVLM release (--src with latest, <iter>/mp_rank_00_model_states.pt, "
+            "model_config.json)")
+    required_flags = ("src",)
+
+    def load(self, args) -> Loaded:
+        src = existing_dir(args.src, "--src")
+        latest = src / "latest"
+        if not latest.is_file():
+            raise ConversionError(f"{src}: no 'latest' file: not a SAT checkpoint folder "
+                                  "(expected latest, <iter>/mp_rank_00_model_states.pt, model_config.json)")
+        tag = latest.read_text().strip()
+        if not (tag.isdigit() or tag == "release"):
+            raise ConversionError(f"{latest}: expected an iteration number or 'release', found {tag[:40]!r}")
+        args_json = _read_json(src / "model_config.json")
+        mp = args_json.get("model_parallel_size", 1)
+        if mp != 1:
+            raise ConversionError(f"{src}: model_parallel_size={mp}; merge the model-parallel ranks first "
+                                  "(THUDM/CogVLM utils/merge_model.py)")
+        model_class = args_json.get("model_class", "CogVLMModel")
+        if "CogVLM" not in model_class:
+            raise ConversionError(f"{src}/model_config.json: model_class {model_class!r} is not a CogVLM model")
+        if not isinstance(args_json.get("eva_args"), dict):
+            raise ConversionError(f"{src}/model_config.json has no eva_args: not a CogVLM checkpoint")
+        ckpt = src / tag / "mp_rank_00_model_states.pt"
+        source = torch_file_source(ckpt, subkey="module")
+        if any(".matrix_A." in k or ".matrix_B." in k for k in source.keys()):
+            source.close()
+            raise ConversionError(f"{ckpt} has unmerged LoRA adapters: merge them first "
+                                  "(SAT: model.get_mixin('lora').merge_lora(), then save_checkpoint)")
+        version = "cogvlm2" if "mixins.eva.conv.weight" in source else "cogvlm"
+        tokenizer = load_tokenizer(args.tokenizer, src)
+        try:
+            config = cogvlm_config(args_json, args_json["eva_args"], version=version,
+                                   where=f"{src}/model_config.json", tokenizer=tokenizer, hf=False)
+        except ConversionError:
+            source.close()
+            raise
+        notes = [f"SAT checkpoint {ckpt} (iteration {tag}, model_class {model_class})"]
+        return _loaded(source, sat_rules(), config, tokenizer, notes, version)
+
+
+class HfCogVLM(Format):
+    name = "hf-cogvlm"
+    help = ("THUDM cogvlm-*-hf / cogvlm2-llama3-* folder (config.json with vision_config, safetensors or .bin "
+            "shards); CogVLM1 needs --tokenizer (Vicuna-7B-v1.5)")
+    required_flags = ("src",)
+
+    def load(self, args) -> Loaded:
+        src = existing_dir(args.src, "--src")
+        cfg = _read_json(src / "config.json")
+        if not isinstance(cfg.get("vision_config"), dict):
+            raise ConversionError(f"{src}/config.json has no vision_config: not a CogVLM HF folder")
+        source = hf_folder_source(src)
+        version = "cogvlm2" if "model.vision.conv.weight" in source else "cogvlm"
+        try:
+            tokenizer = load_tokenizer(args.tokenizer, src)
+            config = cogvlm_config(cfg, cfg["vision_config"], version=version, where=f"{src}/config.json",
+                                   tokenizer=tokenizer, hf=True)
+        except ConversionError:
+            source.close()
+            raise
+        notes = [f"THUDM HF folder {src} ({len(source)} tensors)"]
+        return _loaded(source, hf_rules(), config, tokenizer, notes, version)
