@@ -40,6 +40,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .chat_utils import check_history, stream_generate
 from .configuration_cogvlm import CogVLMConfig
+from .multimodal import placeholder_count_error
 from .eva_vit import EvaVisionModel
 from .image_processing_cogvlm import CogVLMImageProcessor
 from .llama import LlamaExpertModel, expert_routing
@@ -222,12 +223,10 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
             image_mask.sum(), _bad_image_runs(image_mask, n_img), disagree, cogvlm_vision_expert_mask(image_mask).sum()
         ]).tolist()  # the one sync of a prefill
         n_placeholders, bad_runs, n_disagree, num_vision = stats
-        if n_placeholders != num_images * n_img:
-            raise ValueError(
-                f"input_ids hold {n_placeholders} image placeholders (id {self.config.image_token_id}) but "
-                f"{num_images} image(s) need {num_images * n_img} ({n_img} each: boi, {n_img - 2} patches, eoi); "
-                "pixel_values must hold exactly the images in order of appearance"
-            )
+        error = placeholder_count_error(n_placeholders, num_images, n_img, self.config.image_token_id,
+                                        per_image=f": boi, {n_img - 2} patches, eoi")
+        if error:
+            raise ValueError(error)
         if bad_runs:
             raise ValueError(
                 f"{bad_runs} image placeholder run(s) are not exactly {n_img} long: each image must be one "

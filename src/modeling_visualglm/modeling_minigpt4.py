@@ -37,6 +37,7 @@ from .configuration_minigpt4 import MERGE_TOKENS, MiniGPT4Config
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
 from .llama import LlamaExpertModel
+from .multimodal import check_image_count
 from .processing_minigpt4 import STOP_STRINGS, build_minigpt4_inputs, process_response
 from .qformer import QFormerModel
 
@@ -122,16 +123,7 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         return self.llama_proj(features.to(self.llama_proj.weight.dtype))
 
     def _check_image_count(self, image_mask, num_images):
-        """One host sync per prefill: the placeholders must hold exactly the given images."""
-        n_placeholders = int(image_mask.sum())
-        expected = num_images * self.config.num_image_tokens
-        if n_placeholders != expected:
-            raise ValueError(
-                f"input_ids hold {n_placeholders} image placeholders (id {self.config.image_token_id}) but "
-                f"{num_images} image(s) need {expected} ({self.config.num_image_tokens} each); each image must be "
-                f"one run of {self.config.num_image_tokens} placeholders and pixel_values must hold exactly the "
-                "images in order of appearance"
-            )
+        check_image_count(image_mask, num_images, self.config.num_image_tokens, self.config.image_token_id)
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(

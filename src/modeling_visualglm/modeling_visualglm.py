@@ -36,6 +36,7 @@ from .chatglm import ChatGLMModel, chatglm_position_ids, check_chatglm_prompt
 from .configuration_visualglm import VisualGLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
+from .multimodal import check_image_count
 from .processing_visualglm import build_visualglm_inputs, process_response
 from .qformer import QFormerModel
 
@@ -116,16 +117,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         return self.glm_proj(query_output.to(self.glm_proj.weight.dtype))
 
     def _check_image_count(self, image_mask, num_images):
-        """One host sync per prefill: the placeholders must hold exactly the given images."""
-        n_placeholders = int(image_mask.sum())
-        expected = num_images * self.config.num_image_tokens
-        if n_placeholders != expected:
-            raise ValueError(
-                f"input_ids hold {n_placeholders} image placeholders (id {self.config.image_token_id}) but "
-                f"{num_images} image(s) need {expected} ({self.config.num_image_tokens} each); each image must be "
-                f"one run of {self.config.num_image_tokens} placeholders and pixel_values must hold exactly the "
-                "images in order of appearance"
-            )
+        check_image_count(image_mask, num_images, self.config.num_image_tokens, self.config.image_token_id)
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(
