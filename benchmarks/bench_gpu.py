@@ -5,9 +5,8 @@ Measures in one run, per family: time to first token (prefill with an image), ba
 memory; the device's floors (device-to-device copy bandwidth, bf16 matmul rate); and transformers' own
 ``LlamaForCausalLM`` at Vicuna-7B size as the in-library peer. Prints a markdown table last.
 
-    PYTHONPATH=src python3 benchmarks/bench_gpu.py --families visualglm,peer --out results.json
-
-Families not yet implemented in the package are skipped with a note.
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --families visualglm,cogvlm,cogvlm2,minigpt4-7b,minigpt4-13b,peer --out results.json
+    python benchmarks/bench_gpu.py --smoke-cpu --families visualglm,cogvlm,cogvlm2,minigpt4-7b,peer   # plumbing, tiny, CPU
 """
 
 from __future__ import annotations
@@ -59,75 +58,143 @@ def floors():
     return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": tflops}
 
 
+DEVICE = "cuda"
+
+
 @torch.no_grad()
 def randomize_on_device(model, seed=0, std=0.02):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     for name, p in model.named_parameters():
         if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.float32))
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=DEVICE, dtype=torch.float32))
         else:
-            p.copy_(std * torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.float32))
+            p.copy_(std * torch.randn(p.shape, generator=gen, device=DEVICE, dtype=torch.float32))
 
 
-def build_visualglm():
-    from modeling_visualglm.configuration_visualglm import VisualGLMConfig
-    from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-
-    cfg = VisualGLMConfig(image_token_id=130344)  # real sizes are the config defaults
-    torch.set_default_dtype(torch.bfloat16)
+def _build(model_cls, cfg, dtype=None):
+    dtype = dtype or (torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    """Construct directly on the device in ``dtype`` (no fp32 copy on the host), then seed every weight."""
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
-            model = VisualGLMForConditionalGeneration(cfg)
+        with torch.device(DEVICE):
+            model = model_cls(cfg)
     finally:
         torch.set_default_dtype(torch.float32)
-    model = model.to(torch.bfloat16).eval()
+    model = model.to(dtype).eval()
     randomize_on_device(model)
-    text = cfg.text_config
+    return model
+
+
+def _lm_params(model):
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(("language_model", "lm_head")))
+
+
+def _tiny_text(**extra):
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **extra)
+
+
+def _tiny_vision(image_size=56, **extra):
+    return dict(image_size=image_size, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, **extra)
+
+
+def _multimodal(model, cfg, image_size, layout):
+    """``prompt(n_text)`` → ids laid out by ``layout(text_ids, image_placeholders)``; ``images(n)`` → pixels."""
     gen = torch.Generator().manual_seed(0)
+    high = min(cfg.text_config.vocab_size, 60000) - 1
 
     def prompt(n_text):
-        body = torch.randint(5, 60000, (n_text,), generator=gen).tolist()
-        ids = body[:2] + [cfg.image_token_id] * cfg.num_image_tokens + body[2:] + [text.gmask_token_id,
-                                                                                   text.bos_token_id]
-        return ids
+        body = torch.randint(5, high, (n_text,), generator=gen).tolist()
+        return layout(body, [cfg.image_token_id] * cfg.num_image_tokens)
 
     def images(n):
-        return torch.randn(n, 3, 224, 224, generator=gen).to("cuda", torch.bfloat16)
+        return torch.randn(n, 3, image_size, image_size, generator=gen).to(DEVICE, model.dtype)
 
-    lm_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("language_model", "lm_head")))
-    return model, prompt, images, lm_params, text.pad_token_id
+    return model, prompt, images, _lm_params(model), cfg.text_config.pad_token_id
 
 
-def build_peer():
+def build_visualglm(tiny=False):
+    from modeling_visualglm.configuration_visualglm import VisualGLMConfig
+    from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
+    from modeling_visualglm.testing_utils import tiny_visualglm_config
+
+    cfg = tiny_visualglm_config(None) if tiny else VisualGLMConfig(image_token_id=130344)  # real sizes: defaults
+    model = _build(VisualGLMForConditionalGeneration, cfg)
+    t = cfg.text_config
+    return _multimodal(model, cfg, cfg.vision_config.image_size,
+                       lambda body, img: body[:2] + img + body[2:] + [t.gmask_token_id, t.bos_token_id])
+
+
+def _build_cogvlm(version, tiny):
+    from modeling_visualglm.configuration_cogvlm import CogVLMConfig, default_text_config, default_vision_config
+    from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
+
+    kw = {}
+    if tiny:
+        kv = 2 if version == "cogvlm2" else 4
+        kw = dict(vision_config={**default_vision_config(version), **_tiny_vision(112 if version == "cogvlm2" else 56)},
+                  text_config={**default_text_config(version),
+                               **_tiny_text(vocab_size=200, num_key_value_heads=kv, bos_token_id=1, eos_token_id=2,
+                                            pad_token_id=0)})
+    cfg = CogVLMConfig(version=version, **kw)
+    model = _build(CogVLMForConditionalGeneration, cfg)
+    bos = cfg.text_config.bos_token_id
+    return _multimodal(model, cfg, cfg.vision_config.image_size, lambda body, img: [bos] + img + body)
+
+
+def _build_minigpt4(size, tiny):
+    from modeling_visualglm.configuration_minigpt4 import MiniGPT4Config
+    from modeling_visualglm.modeling_minigpt4 import MiniGPT4ForConditionalGeneration
+
+    if tiny:
+        cfg = MiniGPT4Config(variant="vicuna0", vision_config=_tiny_vision(),
+                             qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64),
+                             text_config=_tiny_text(vocab_size=200, num_key_value_heads=4, use_visual_experts=False,
+                                                    bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                             image_token_id=199)
+    else:  # Vicuna v0: 32000 LLaMA ids + FastChat's [PAD] row, which the converter's placeholder reuses
+        dims = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}[size]
+        text = dict(vocab_size=32001, hidden_size=dims[0], intermediate_size=dims[1], num_hidden_layers=dims[2],
+                    num_attention_heads=dims[3], num_key_value_heads=dims[3], use_visual_experts=False,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        cfg = MiniGPT4Config(variant="vicuna0", text_config=text, image_token_id=32000)
+    model = _build(MiniGPT4ForConditionalGeneration, cfg)
+    bos = cfg.text_config.bos_token_id
+    return _multimodal(model, cfg, cfg.vision_config.image_size, lambda body, img: [bos] + body[:4] + img + body[4:])
+
+
+def build_peer(tiny=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model = model.eval()
-    randomize_on_device(model)
+    size = _tiny_text(vocab_size=200, num_key_value_heads=4) if tiny else dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32)
+    cfg = LlamaConfig(max_position_embeddings=4096, **size)
+    model = _build(LlamaForCausalLM, cfg)
     gen = torch.Generator().manual_seed(0)
 
-    def prompt(n_text):
-        return [1] + torch.randint(5, 31000, (n_text + 32,), generator=gen).tolist()  # same length as an image prompt
+    def prompt(n_text):  # as long as a VisualGLM image prompt
+        return [1] + torch.randint(5, cfg.vocab_size - 1, (n_text + 32,), generator=gen).tolist()
 
-    lm_params = sum(p.numel() for p in model.parameters())
-    return model, prompt, None, lm_params, 0
+    return model, prompt, None, sum(p.numel() for p in model.parameters()), 0
 
 
-FAMILIES = {"visualglm": build_visualglm, "peer": build_peer}
+FAMILIES = {
+    "visualglm": build_visualglm,
+    "cogvlm": lambda tiny=False: _build_cogvlm("cogvlm", tiny),  # CogVLM-17B at 490 px
+    "cogvlm2": lambda tiny=False: _build_cogvlm("cogvlm2", tiny),  # CogVLM2-19B at 1344 px
+    "minigpt4-7b": lambda tiny=False: _build_minigpt4("7b", tiny),
+    "minigpt4-13b": lambda tiny=False: _build_minigpt4("13b", tiny),
+    "peer": build_peer,
+}
 
 
 def batch_inputs(prompt, images, pad_id, batch, base_len=24):
     rows = [prompt(base_len + (i * 7) % 17) for i in range(batch)]  # ragged lengths
     width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device="cuda")
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device="cuda")
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=DEVICE)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=DEVICE)
     kwargs = dict(input_ids=ids, attention_mask=mask)
     if images is not None:
         kwargs["pixel_values"] = images(batch)
@@ -197,14 +264,34 @@ def check_visualglm_cache_consistency():
     return {"bf16_cached_vs_full_rel_l2": rel, "argmax_agreement": same}
 
 
+@torch.no_grad()
+def smoke(families):
+    """CPU plumbing check of every builder at tiny size: a ragged batch of 3, dynamic == static cache."""
+    global DEVICE
+    DEVICE = "cpu"
+    for fam in families:
+        model, prompt, images, _, pad_id = FAMILIES[fam](tiny=True)
+        inputs = batch_inputs(prompt, images, pad_id, 3, base_len=6)
+        dynamic = run_generate(model, inputs, 4)
+        static = run_generate(model, inputs, 4, cache_implementation="static")
+        same = torch.equal(dynamic, static)
+        print(f"[smoke] {fam}: prompt {tuple(inputs['input_ids'].shape)} → {tuple(dynamic.shape)}, "
+              f"static == dynamic: {same}", flush=True)
+        if not same:
+            raise SystemExit(f"{fam}: static and dynamic caches disagree")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", default="visualglm,peer")
+    ap.add_argument("--families", default="visualglm,cogvlm,cogvlm2,minigpt4-7b,minigpt4-13b,peer")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--caches", default="dynamic,static")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke-cpu", action="store_true", help="tiny configs on the CPU: check the plumbing, time nothing")
     args = ap.parse_args()
+    if args.smoke_cpu:
+        return smoke([f for f in args.families.split(",") if f in FAMILIES])
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}", flush=True)
