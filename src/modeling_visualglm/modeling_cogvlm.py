@@ -29,18 +29,16 @@ Deliberate differences from the originals:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers import initialization as init
-from transformers.modeling_outputs import ModelOutput
 
 from .chat_utils import check_history, stream_generate
 from .configuration_cogvlm import CogVLMConfig
-from .multimodal import placeholder_count_error
+from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalPreTrainedModel, placeholder_count_error
 from .eva_vit import EvaVisionModel
 from .image_processing_cogvlm import CogVLMImageProcessor
 from .llama import LlamaExpertModel, expert_routing
@@ -97,15 +95,7 @@ def _bad_image_runs(image_mask: torch.Tensor, run_length: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class CogVLMCausalLMOutputWithPast(ModelOutput):
-    """``logits`` (B, T, V) in float32; ``image_hidden_states`` (N_images, num_image_tokens, H) when encoded."""
-
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[object] = None
-    hidden_states: Optional[tuple] = None
-    image_hidden_states: Optional[torch.FloatTensor] = None
+CogVLMCausalLMOutputWithPast = MultimodalCausalLMOutputWithPast
 
 
 class CogVLMAdapter(nn.Module):
@@ -141,19 +131,9 @@ class CogVLMAdapter(nn.Module):
         return torch.cat([self.boi.to(x.dtype).expand(n, -1, -1), x, self.eoi.to(x.dtype).expand(n, -1, -1)], dim=1)
 
 
-class CogVLMPreTrainedModel(PreTrainedModel):
+class CogVLMPreTrainedModel(MultimodalPreTrainedModel):
     config_class = CogVLMConfig
-    base_model_prefix = ""
-    main_input_name = "input_ids"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaExpertDecoderLayer", "EvaVisionLayer", "CogVLMAdapter"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
-    # the LLaMA block's flash/flex paths would read the repeated image positions as packed sequences
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = True
 
     def _init_weights(self, module):
         # the sub-models initialise their own parameters; the adapter and lm_head live here
@@ -181,22 +161,6 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         self.language_model = LlamaExpertModel(config.text_config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    # --- embeddings -------------------------------------------------------------------------------
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def get_decoder(self):
-        return self.language_model
 
     # --- images -----------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:

@@ -23,47 +23,28 @@ Deliberate differences from the original:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers.generation import LogitsProcessorList
-from transformers.modeling_outputs import ModelOutput
 
 from .chat_utils import TokenRangeLogitsProcessor, check_history, stream_generate
 from .configuration_minigpt4 import MERGE_TOKENS, MiniGPT4Config
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
 from .llama import LlamaExpertModel
-from .multimodal import check_image_count
+from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalPreTrainedModel, check_image_count
 from .processing_minigpt4 import STOP_STRINGS, build_minigpt4_inputs, process_response
 from .qformer import QFormerModel
 
 
-@dataclass
-class MiniGPT4CausalLMOutputWithPast(ModelOutput):
-    """``logits`` (B, T, V); ``image_hidden_states`` (N_images, num_image_tokens, H_text) when images were encoded."""
-
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[object] = None
-    hidden_states: Optional[tuple] = None
-    image_hidden_states: Optional[torch.FloatTensor] = None
+MiniGPT4CausalLMOutputWithPast = MultimodalCausalLMOutputWithPast
 
 
-class MiniGPT4PreTrainedModel(PreTrainedModel):
+class MiniGPT4PreTrainedModel(MultimodalPreTrainedModel):
     config_class = MiniGPT4Config
-    base_model_prefix = ""
-    main_input_name = "input_ids"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = True
 
     def _init_weights(self, module):
         # only llama_proj and lm_head live here: sub-models initialise their own parameters
@@ -92,22 +73,6 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         self.language_model = LlamaExpertModel(config.text_config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    # --- embeddings -------------------------------------------------------------------------------
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def get_decoder(self):
-        return self.language_model
 
     # --- images -----------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:

@@ -1,8 +1,14 @@
-"""Image-placeholder checks shared by every family (CONTRACTS §4)."""
+"""What the families share: the image-placeholder check (CONTRACTS §4), the output type, and the
+PreTrainedModel flags and embedding accessors of a vision-language model with an LM head."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
 
 
 def placeholder_count_error(n_placeholders: int, num_images: int, num_image_tokens: int, image_token_id: int,
@@ -23,3 +29,48 @@ def check_image_count(image_mask: torch.Tensor, num_images: int, num_image_token
     error = placeholder_count_error(int(image_mask.sum()), num_images, num_image_tokens, image_token_id)
     if error:
         raise ValueError(error)
+
+
+@dataclass
+class MultimodalCausalLMOutputWithPast(ModelOutput):
+    """``logits`` (B, T, V); ``image_hidden_states`` (N_images, num_image_tokens, H_text) when images were encoded."""
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[object] = None
+    hidden_states: Optional[tuple] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+
+
+class MultimodalPreTrainedModel(PreTrainedModel):
+    """What every family shares: image + text in, a ``language_model`` sub-model and an ``lm_head`` out.
+
+    Flash and flex attention stay off: ChatGLM's prefix-LM mask is not causal, and CogVLM's repeated image
+    positions would be read as packed sequences; SDPA and eager take the explicit masks the blocks build.
+    Subclasses set ``config_class``, ``_no_split_modules`` where needed, and ``_init_weights``.
+    """
+
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.language_model
