@@ -24,9 +24,9 @@ def sync():
     torch.cuda.synchronize()
 
 
-def median_time(fn, repeat=5, warmup=1):
+def median_time(fn, repeat=5, warmup=1, warmup_fn=None):
     for _ in range(warmup):
-        fn()
+        (warmup_fn or fn)()
     sync()
     times = []
     for _ in range(repeat):
@@ -107,8 +107,10 @@ def _multimodal(model, cfg, image_size, layout):
         body = torch.randint(5, high, (n_text,), generator=gen).tolist()
         return layout(body, [cfg.image_token_id] * cfg.num_image_tokens)
 
+    dtype = model.dtype  # not the model itself: the closure must not keep it alive
+
     def images(n):
-        return torch.randn(n, 3, image_size, image_size, generator=gen).to(DEVICE, model.dtype)
+        return torch.randn(n, 3, image_size, image_size, generator=gen).to(DEVICE, dtype)
 
     return model, prompt, images, _lm_params(model), cfg.text_config.pad_token_id
 
@@ -222,7 +224,10 @@ def bench_family(name, new_tokens, batches, cache_impls):
             torch.cuda.reset_peak_memory_stats()
             try:
                 ttft = median_time(lambda: run_generate(model, inputs, 1, **extra), repeat=3)
-                total = median_time(lambda: run_generate(model, inputs, new_tokens, **extra), repeat=2, warmup=1)
+                # a dynamic cache warms up on a short run; a static one must compile at the timed length
+                short = None if cache != "dynamic" else (lambda: run_generate(model, inputs, 16, **extra))
+                total = median_time(lambda: run_generate(model, inputs, new_tokens, **extra), repeat=2, warmup=1,
+                                    warmup_fn=short)
             except Exception as exc:  # report, do not hide
                 rows.append({"family": name, "cache": cache, "batch": batch, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"[{name}] cache={cache} batch={batch} FAILED: {exc}", flush=True)
@@ -242,6 +247,176 @@ def bench_family(name, new_tokens, batches, cache_impls):
     gc.collect()
     torch.cuda.empty_cache()
     return info, rows
+
+
+def _save(model, root, name):
+    path = f"{root}/{name}"
+    model.save_pretrained(path, max_shard_size="5GB")
+    return path
+
+
+def _free():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _greedy(model, inputs, n):
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:].cpu(), torch.stack(out.logits, 1).float().cpu()
+
+
+def _agreement(tokens, ref_tokens, logits, ref_logits):
+    """Share of greedy tokens equal to the reference, up to the first difference too, and the first step's
+    relative L2 logits difference (both runs see the same prompt at step 0)."""
+    same = tokens == ref_tokens
+    prefix = int(same.all(0).long().cumprod(0).sum())  # steps before the first disagreement in any row
+    rel = ((logits[:, 0] - ref_logits[:, 0]).norm() / ref_logits[:, 0].norm()).item()
+    return {"token_agreement": same.float().mean().item(), "identical_prefix_steps": prefix,
+            "steps": tokens.shape[1], "first_step_logits_rel_l2": rel}
+
+
+def _decode_timing(model, inputs, new_tokens):
+    ttft = median_time(lambda: run_generate(model, inputs, 1), repeat=3)
+    total = median_time(lambda: run_generate(model, inputs, new_tokens), repeat=2,
+                        warmup_fn=lambda: run_generate(model, inputs, 16))
+    decode_s = max(total - ttft, 1e-9)
+    return {"ttft_ms": ttft * 1e3, "ms_per_step": decode_s / (new_tokens - 1) * 1e3,
+            "decode_tok_s_total": inputs["input_ids"].shape[0] * (new_tokens - 1) / decode_s}
+
+
+def bench_quant(name, modes, new_tokens, batches, root):
+    """bf16 reference, then save → ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` with the
+    family's ``quantization_skip_modules`` (vision tower, adapters, lm_head stay bf16)."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    _free()
+    model, prompt, images, _, pad_id = FAMILIES[name]()
+    cls, skip = type(model), type(model).quantization_skip_modules
+    probe = batch_inputs(prompt, images, pad_id, 2)
+    ref_tokens, ref_logits = _greedy(model, probe, 32)
+    bf16 = {"family": name, "mode": "bf16", "weights_GiB": torch.cuda.memory_allocated() / 2**30}
+    bf16.update(_decode_timing(model, batch_inputs(prompt, images, pad_id, 1), new_tokens))
+    path = _save(model, root, name)
+    del model
+    _free()
+    rows = [bf16]
+    print(json.dumps(bf16), flush=True)
+    for mode in modes:
+        q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                llm_int8_skip_modules=skip) if mode == "4bit"
+             else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip))
+        t0 = time.perf_counter()
+        qm = cls.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0}).eval()
+        sync()
+        row = {"family": name, "mode": mode, "load_s": time.perf_counter() - t0,
+               "weights_GiB": torch.cuda.memory_allocated() / 2**30}
+        kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        quantized = [n for n, m in qm.named_modules() if isinstance(m, kinds)]
+        kept = [n for n, p in qm.named_parameters() if n.split(".")[0] in skip]
+        row["quantized_linears"] = len(quantized)
+        row["quantized_outside_language_model"] = [n for n in quantized if not n.startswith("language_model.")]
+        row["kept_dtypes"] = sorted({str(qm.get_parameter(n).dtype) for n in kept})
+        tokens, logits = _greedy(qm, probe, 32)
+        row.update(_agreement(tokens, ref_tokens, logits, ref_logits))
+        for batch in batches:
+            inputs = batch_inputs(prompt, images, pad_id, batch)
+            torch.cuda.reset_peak_memory_stats()
+            timing = _decode_timing(qm, inputs, new_tokens)
+            row[f"b{batch}"] = {**timing, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del qm
+        _free()
+    import shutil
+
+    shutil.rmtree(path)
+    return rows
+
+
+def bench_split(name, new_tokens, root):
+    """The same greedy run on one device and split across devices.
+
+    With ≥ 2 GPUs: save, then ``from_pretrained(device_map="auto")`` with a per-GPU ``max_memory`` that forces
+    the layers onto every GPU (the user path). With one GPU: ``accelerate.dispatch_model`` puts the first ~55 %
+    of the modules on the GPU and the rest on the CPU, each executing where it lives (``main_device="cpu"``):
+    real cross-device hand-offs of hidden states, masks, rotary tables and the KV cache, but the CPU half
+    computes with other kernels, so tokens may drift where random-weight logits nearly tie.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    _free()
+    model, prompt, images, _, pad_id = FAMILIES[name]()
+    cls = type(model)
+    probe = batch_inputs(prompt, images, pad_id, 2)
+    ref_tokens, ref_logits = _greedy(model, probe, new_tokens)
+    n_gpu = torch.cuda.device_count()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    row = {"family": name, "gpus": n_gpu}
+    t0 = time.perf_counter()
+    if n_gpu >= 2:
+        path = _save(model, root, name)
+        del model
+        _free()
+        budget = int(weight_bytes / n_gpu * 1.15)
+        model = cls.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
+                                    max_memory={i: budget for i in range(n_gpu)}).eval()
+        row["how"] = f"from_pretrained(device_map='auto', max_memory={budget / 2**30:.1f} GiB per GPU)"
+    else:
+        device_map = infer_auto_device_map(model, max_memory={0: int(weight_bytes * 0.55), "cpu": 2 * weight_bytes},
+                                           no_split_module_classes=list(model._no_split_modules))
+        model = dispatch_model(model, device_map, main_device="cpu")
+        row["how"] = "accelerate.dispatch_model(infer_auto_device_map(GPU 55 % / CPU), main_device='cpu')"
+    sync()
+    row["place_s"] = time.perf_counter() - t0
+    placement = {}
+    for module, device in model.hf_device_map.items():
+        placement.setdefault(str(device), []).append(module)
+    row["placement"] = {d: f"{len(m)} modules, first {m[0]}, last {m[-1]}" for d, m in placement.items()}
+    t0 = time.perf_counter()
+    tokens, logits = _greedy(model, probe, new_tokens)
+    row["greedy_s"] = time.perf_counter() - t0
+    row.update(_agreement(tokens, ref_tokens, logits, ref_logits))
+    row["identical_tokens"] = bool(torch.equal(tokens, ref_tokens))
+    print(json.dumps(row), flush=True)
+    del model
+    _free()
+    if n_gpu >= 2:
+        import shutil
+
+        shutil.rmtree(path)
+    return row
+
+
+def profile_static(name, new_tokens):
+    """Where a compiled static-cache decode step spends its time: wall ms/step of dynamic vs static at batch 1,
+    then a profiler trace of one static run (CUDA-graph replays vs separate kernel launches, top CPU ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _free()
+    model, prompt, images, _, pad_id = FAMILIES[name]()
+    inputs = batch_inputs(prompt, images, pad_id, 1)
+    out = {"family": name}
+    for cache in ("dynamic", "static"):
+        extra = {} if cache == "dynamic" else {"cache_implementation": "static"}
+        ttft = median_time(lambda: run_generate(model, inputs, 1, **extra), repeat=3)
+        total = median_time(lambda: run_generate(model, inputs, new_tokens, **extra), repeat=3, warmup=2)
+        out[f"{cache}_ms_per_step"] = (total - ttft) / (new_tokens - 1) * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_generate(model, inputs, new_tokens, cache_implementation="static")
+        sync()
+    events = prof.key_averages()
+    counts = {e.key: e.count for e in events}
+    out["cudaGraphLaunch"] = counts.get("cudaGraphLaunch", 0)
+    out["cudaLaunchKernel"] = counts.get("cudaLaunchKernel", 0) + counts.get("cuLaunchKernel", 0)
+    out["steps"] = new_tokens
+    print(json.dumps(out), flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    del model
+    _free()
+    return out
 
 
 @torch.no_grad()
@@ -289,9 +464,33 @@ def main():
     ap.add_argument("--caches", default="dynamic,static")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny configs on the CPU: check the plumbing, time nothing")
+    ap.add_argument("--quant", default=None, help="4bit,8bit: bitsandbytes runs (needs bitsandbytes) instead of the table")
+    ap.add_argument("--split", action="store_true", help="one device vs split across devices (see bench_split)")
+    ap.add_argument("--profile-static", action="store_true", help="profile the compiled static-cache decode")
+    ap.add_argument("--workdir", default="/tmp/bench_gpu", help="where --quant/--split save the random model")
     args = ap.parse_args()
     if args.smoke_cpu:
         return smoke([f for f in args.families.split(",") if f in FAMILIES])
+    families = [f for f in args.families.split(",") if f in FAMILIES]
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.quant or args.split or args.profile_static:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        import os
+
+        os.makedirs(args.workdir, exist_ok=True)
+        extra = {"device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__}
+        rows = []
+        for fam in families:
+            if args.profile_static:
+                rows.append(profile_static(fam, args.new_tokens))
+            if args.split:
+                rows.append(bench_split(fam, 32, args.workdir))
+            if args.quant:
+                rows.extend(bench_quant(fam, args.quant.split(","), args.new_tokens, batches, args.workdir))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({**extra, "rows": rows}, f, indent=1)
+        return
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}", flush=True)
@@ -303,7 +502,6 @@ def main():
     if "visualglm" in args.families:
         result["consistency"] = check_visualglm_cache_consistency()
         print(json.dumps(result["consistency"]), flush=True)
-    batches = [int(b) for b in args.batches.split(",")]
     for fam in args.families.split(","):
         if fam not in FAMILIES:
             print(f"[{fam}] not implemented in this package yet: skipped", flush=True)
@@ -311,9 +509,9 @@ def main():
         info, rows = bench_family(fam, args.new_tokens, batches, args.caches.split(","))
         result["families"].append(info)
         result["rows"].extend(rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        if args.out:  # after every family: a run stopped at its time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
 
     bw = result["floors"]["copy_GBps"] * 1e9
     print("\n| family | cache | batch | prompt | TTFT ms | decode tok/s/seq | total tok/s | ms/step | "

@@ -134,6 +134,7 @@ class CogVLMAdapter(nn.Module):
 class CogVLMPreTrainedModel(MultimodalPreTrainedModel):
     config_class = CogVLMConfig
     _no_split_modules = ["LlamaExpertDecoderLayer", "EvaVisionLayer", "CogVLMAdapter"]
+    quantization_skip_modules = ["vision_model", "adapter", "lm_head"]
 
     def _init_weights(self, module):
         # the sub-models initialise their own parameters; the adapter and lm_head live here

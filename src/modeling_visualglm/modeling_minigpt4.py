@@ -45,6 +45,7 @@ MiniGPT4CausalLMOutputWithPast = MultimodalCausalLMOutputWithPast
 
 class MiniGPT4PreTrainedModel(MultimodalPreTrainedModel):
     config_class = MiniGPT4Config
+    quantization_skip_modules = ["vision_model", "qformer", "llama_proj", "lm_head"]
 
     def _init_weights(self, module):
         # only llama_proj and lm_head live here: sub-models initialise their own parameters

@@ -44,6 +44,7 @@ VisualGLMCausalLMOutputWithPast = MultimodalCausalLMOutputWithPast
 
 class VisualGLMPreTrainedModel(MultimodalPreTrainedModel):
     config_class = VisualGLMConfig
+    quantization_skip_modules = ["vision_model", "qformer", "glm_proj", "lm_head"]
 
     def _init_weights(self, module):
         # only glm_proj and lm_head live here: sub-models initialise their own parameters

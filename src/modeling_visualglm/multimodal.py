@@ -47,8 +47,15 @@ class MultimodalPreTrainedModel(PreTrainedModel):
 
     Flash and flex attention stay off: ChatGLM's prefix-LM mask is not causal, and CogVLM's repeated image
     positions would be read as packed sequences; SDPA and eager take the explicit masks the blocks build.
-    Subclasses set ``config_class``, ``_no_split_modules`` where needed, and ``_init_weights``.
+    Subclasses set ``config_class``, ``_no_split_modules`` where needed, ``quantization_skip_modules``, and
+    ``_init_weights``.
+
+    ``quantization_skip_modules`` names every top-level module outside the language model (vision tower,
+    adapters) plus ``lm_head``: pass it as ``BitsAndBytesConfig(llm_int8_skip_modules=...)`` to quantize the
+    language model alone and keep the rest in the load dtype (bitsandbytes replaces that default list).
     """
+
+    quantization_skip_modules: list[str] = ["lm_head"]
 
     base_model_prefix = ""
     main_input_name = "input_ids"
