@@ -391,33 +391,36 @@ def bench_split(name, new_tokens, root):
 
 
 def profile_static(name, new_tokens):
-    """Where a compiled static-cache decode step spends its time: wall ms/step of dynamic vs static at batch 1,
-    then a profiler trace of one static run (CUDA-graph replays vs separate kernel launches, top CPU ops)."""
+    """Where a decode step's wall time goes, dynamic vs compiled static cache at batch 1: wall ms/step, then a
+    profiler trace of one more run each giving the GPU-busy time per step (sum of device activity) and how
+    the work was launched (CUDA-graph replays vs single kernel launches). Busy << wall means the GPU waits on
+    the host (Python, launches), not on bytes or FLOPs."""
     from torch.profiler import ProfilerActivity, profile
 
     _free()
     model, prompt, images, _, pad_id = FAMILIES[name]()
     inputs = batch_inputs(prompt, images, pad_id, 1)
-    out = {"family": name}
+    out = {"family": name, "steps": new_tokens}
     for cache in ("dynamic", "static"):
         extra = {} if cache == "dynamic" else {"cache_implementation": "static"}
         ttft = median_time(lambda: run_generate(model, inputs, 1, **extra), repeat=3)
         total = median_time(lambda: run_generate(model, inputs, new_tokens, **extra), repeat=3, warmup=2)
-        out[f"{cache}_ms_per_step"] = (total - ttft) / (new_tokens - 1) * 1e3
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_generate(model, inputs, new_tokens, cache_implementation="static")
-        sync()
-    events = prof.key_averages()
-    counts = {e.key: e.count for e in events}
-    out["cudaGraphLaunch"] = counts.get("cudaGraphLaunch", 0)
-    out["cudaLaunchKernel"] = counts.get("cudaLaunchKernel", 0) + counts.get("cuLaunchKernel", 0)
-    out["steps"] = new_tokens
-    print(json.dumps(out), flush=True)
-    print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run_generate(model, inputs, new_tokens, **extra)
+            sync()
+        events = prof.key_averages()
+        counts = {e.key: e.count for e in events}
+        busy_us = sum(e.self_device_time_total for e in events)
+        out[cache] = {"wall_ms_per_step": (total - ttft) / (new_tokens - 1) * 1e3,
+                      "gpu_busy_ms_per_step": busy_us / 1e3 / new_tokens,
+                      "graph_launches_per_step": counts.get("cudaGraphLaunch", 0) / new_tokens,
+                      "kernel_launches_per_step": (counts.get("cudaLaunchKernel", 0)
+                                                   + counts.get("cuLaunchKernel", 0)) / new_tokens}
+        print(json.dumps({"family": name, "cache": cache, **out[cache]}), flush=True)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
     del model
     _free()
     return out
-
 
 @torch.no_grad()
 def check_visualglm_cache_consistency():
