@@ -337,13 +337,19 @@ def bench_quant(name, modes, new_tokens, batches, root):
 
 
 def bench_split(name, new_tokens, root):
-    """The same greedy run on one device and split across devices.
+    """The same greedy run on one GPU and split across devices; one row per placement.
 
-    With ≥ 2 GPUs: save, then ``from_pretrained(device_map="auto")`` with a per-GPU ``max_memory`` that forces
-    the layers onto every GPU (the user path). With one GPU: ``accelerate.dispatch_model`` puts the first ~55 %
-    of the modules on the GPU and the rest on the CPU, each executing where it lives (``main_device="cpu"``):
-    real cross-device hand-offs of hidden states, masks, rotary tables and the KV cache, but the CPU half
-    computes with other kernels, so tokens may drift where random-weight logits nearly tie.
+    With >= 2 GPUs: save, then ``from_pretrained(device_map="auto")`` with a per-GPU ``max_memory`` that forces
+    the layers onto every GPU (the user path); same kernels on every GPU, so the tokens should be identical.
+
+    With one GPU, two placements:
+    - ``offload``: ``from_pretrained(device_map="auto", max_memory={0: 55 % of the weights, "cpu": ...})``, the
+      path of a user whose GPU is too small: the rest of the weights stay in CPU memory and accelerate streams
+      them to the GPU for each module, so everything executes on the GPU (identical tokens expected).
+    - ``gpu+cpu``: ``accelerate.dispatch_model(..., main_device="cpu")`` keeps ~55 % of the modules on the GPU
+      and the rest on the CPU, each executing where it lives: real cross-device hand-offs of hidden states,
+      masks, rotary tables, expert routing and the KV cache. The CPU half computes with other kernels, so
+      tokens may drift where random-weight logits nearly tie; the first-step logits difference is reported.
     """
     from accelerate import dispatch_model, infer_auto_device_map
 
@@ -354,40 +360,58 @@ def bench_split(name, new_tokens, root):
     ref_tokens, ref_logits = _greedy(model, probe, new_tokens)
     n_gpu = torch.cuda.device_count()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    row = {"family": name, "gpus": n_gpu}
     t0 = time.perf_counter()
+    path = _save(model, root, name)
+    save_s = time.perf_counter() - t0
+    rows = []
+
+    def measure(placed, how, t_place):
+        sync()
+        row = {"family": name, "gpus": n_gpu, "how": how, "place_s": time.perf_counter() - t_place,
+               "save_s": save_s}
+        placement = {}
+        for module, device in placed.hf_device_map.items():
+            placement.setdefault(str(device), []).append(module)
+        row["placement"] = {d: f"{len(m)} modules, first {m[0]}, last {m[-1]}" for d, m in placement.items()}
+        row["gpu_weights_GiB"] = torch.cuda.memory_allocated() / 2**30
+        t1 = time.perf_counter()
+        tokens, logits = _greedy(placed, probe, new_tokens)
+        row["greedy_s"] = time.perf_counter() - t1
+        row.update(_agreement(tokens, ref_tokens, logits, ref_logits))
+        row["identical_tokens"] = bool(torch.equal(tokens, ref_tokens))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
     if n_gpu >= 2:
-        path = _save(model, root, name)
         del model
         _free()
         budget = int(weight_bytes / n_gpu * 1.15)
-        model = cls.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
-                                    max_memory={i: budget for i in range(n_gpu)}).eval()
-        row["how"] = f"from_pretrained(device_map='auto', max_memory={budget / 2**30:.1f} GiB per GPU)"
+        t0 = time.perf_counter()
+        placed = cls.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
+                                     max_memory={i: budget for i in range(n_gpu)}).eval()
+        measure(placed, f"from_pretrained(device_map='auto', max_memory={budget / 2**30:.1f} GiB per GPU)", t0)
+        del placed
     else:
+        t0 = time.perf_counter()
         device_map = infer_auto_device_map(model, max_memory={0: int(weight_bytes * 0.55), "cpu": 2 * weight_bytes},
                                            no_split_module_classes=list(model._no_split_modules))
         model = dispatch_model(model, device_map, main_device="cpu")
-        row["how"] = "accelerate.dispatch_model(infer_auto_device_map(GPU 55 % / CPU), main_device='cpu')"
-    sync()
-    row["place_s"] = time.perf_counter() - t0
-    placement = {}
-    for module, device in model.hf_device_map.items():
-        placement.setdefault(str(device), []).append(module)
-    row["placement"] = {d: f"{len(m)} modules, first {m[0]}, last {m[-1]}" for d, m in placement.items()}
-    t0 = time.perf_counter()
-    tokens, logits = _greedy(model, probe, new_tokens)
-    row["greedy_s"] = time.perf_counter() - t0
-    row.update(_agreement(tokens, ref_tokens, logits, ref_logits))
-    row["identical_tokens"] = bool(torch.equal(tokens, ref_tokens))
-    print(json.dumps(row), flush=True)
-    del model
+        measure(model, "gpu+cpu: accelerate.dispatch_model(infer_auto_device_map(GPU 55 % / CPU), "
+                       "main_device='cpu')", t0)
+        del model
+        _free()
+        budget = int(weight_bytes * 0.55)
+        t0 = time.perf_counter()
+        placed = cls.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
+                                     max_memory={0: budget, "cpu": 2 * weight_bytes}).eval()
+        measure(placed, f"offload: from_pretrained(device_map='auto', max_memory={{0: {budget / 2**30:.1f} GiB, "
+                        f"'cpu': ...}})", t0)
+        del placed
     _free()
-    if n_gpu >= 2:
-        import shutil
+    import shutil
 
-        shutil.rmtree(path)
-    return row
+    shutil.rmtree(path)
+    return rows
 
 
 def profile_static(name, new_tokens):
@@ -487,7 +511,7 @@ def main():
             if args.profile_static:
                 rows.append(profile_static(fam, args.new_tokens))
             if args.split:
-                rows.append(bench_split(fam, 32, args.workdir))
+                rows.extend(bench_split(fam, 32, args.workdir))
             if args.quant:
                 rows.extend(bench_quant(fam, args.quant.split(","), args.new_tokens, batches, args.workdir))
             if args.out:

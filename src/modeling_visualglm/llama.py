@@ -98,10 +98,14 @@ def route(
     if routing is None:
         return language(hidden_states)
     batch_shape = hidden_states.shape[:-1]
-    rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, routing.order)  # (N, D_in)
+    # the routing is built once per forward; with a device_map split a layer may live on another device
+    # (`.to` is a no-op when it is already there)
+    order = routing.order.to(hidden_states.device)
+    inverse = routing.inverse.to(hidden_states.device)
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, order)  # (N, D_in)
     language_out = language(rows[: routing.num_language])
     vision_out = vision(rows[routing.num_language :])
-    out = torch.cat([language_out, vision_out], dim=0).index_select(0, routing.inverse)  # (N, D_out)
+    out = torch.cat([language_out, vision_out], dim=0).index_select(0, inverse)  # (N, D_out)
     return out.view(*batch_shape, -1)
 
 
