@@ -4,7 +4,7 @@
 
 For each family (real size, seeded random bf16 weights, a ragged batch of 2; the peer gets a prompt as long as
 CogVLM2's) it runs the same 8-token greedy decode twice with: PyTorch's default SDPA backend choice, the math
-backend only, the memory-efficient backend only, and ``torch.use_deterministic_algorithms(True)``, and prints
+backend only, the memory-efficient backend only, the cuDNN backend only, and ``torch.use_deterministic_algorithms(True)``, and prints
 how far the second run is from the first (token agreement, step-0 and step-1 logits relative L2). Set
 ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment for the deterministic row.
 """
@@ -44,6 +44,7 @@ def main():
             "default": lambda: torch.enable_grad(False),
             "math": lambda: sdpa_kernel([SDPBackend.MATH]),
             "efficient": lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]),
+            "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]),
         }
         for label, ctx in settings.items():
             with ctx():
