@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -26,6 +27,7 @@ def render_card(family: Family, *, model_id: str, source_note: str, files_note: 
         "\n> **Incomplete folder:** it has no tokenizer files. Re-run the conversion with `--tokenizer` "
         f"({family.tokenizer_hint}) before using or uploading it.\n"
     )
+    skip = json.dumps(list(family.model.load().quantization_skip_modules))
     body = f"""
 # {family.title} (transformers remote code)
 
@@ -56,6 +58,24 @@ penalty 1.2, `max_length` 1024, `min_length` 100 — which counts the prompt); p
 `do_sample=False, max_new_tokens=64, min_length=0` to change them. `stream_chat` yields partial answers.
 The same defaults are in `generation_config.json` for `generate()`; `AutoProcessor` builds batched
 `input_ids` / `pixel_values` (and has a chat template) for `generate()` and pipelines.
+
+## Bigger than one GPU, or 4-bit
+
+```python
+from transformers import BitsAndBytesConfig
+
+# split over GPUs / offload to CPU memory (accelerate keeps each layer whole)
+model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype=torch.bfloat16,
+                                             device_map="auto").eval()
+# 4-bit language model, image path kept in bf16 (needs bitsandbytes and a CUDA GPU)
+nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                         llm_int8_skip_modules={skip})
+model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype=torch.bfloat16,
+                                             quantization_config=nf4, device_map={{"": 0}}).eval()
+```
+
+Without `llm_int8_skip_modules` bitsandbytes would quantize the vision tower and adapter too.
+`generate(..., cache_implementation="static")` compiles the decode step (several times faster on GPUs).
 
 ## Conversion
 
