@@ -7,6 +7,14 @@ memory; the device's floors (device-to-device copy bandwidth, bf16 matmul rate);
 
     PYTHONPATH=src python3 benchmarks/bench_gpu.py --families visualglm,cogvlm,cogvlm2,minigpt4-7b,minigpt4-13b,peer --out results.json
     python benchmarks/bench_gpu.py --smoke-cpu --families visualglm,cogvlm,cogvlm2,minigpt4-7b,peer   # plumbing, tiny, CPU
+
+Other modes (each writes the random model to ``--workdir`` where it must reload it, and deletes it after):
+
+    ... --profile-static --families visualglm,peer --new-tokens 64   # wall vs GPU-busy per step, launches, graphs
+    ... --split --families visualglm,cogvlm                          # device_map placements vs one GPU (greedy)
+    ... --quant 4bit,8bit --families visualglm --new-tokens 64 --batches 1,8   # bitsandbytes, image path in bf16
+
+Results and how to read them: docs/performance.md.
 """
 
 from __future__ import annotations
