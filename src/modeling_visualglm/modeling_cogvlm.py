@@ -244,8 +244,7 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
             # the placeholder id lies outside the embedding table: never look it up
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
-                inputs_embeds = inputs_embeds.masked_scatter(image_mask.to(inputs_embeds.device).unsqueeze(-1), image_features)
+                inputs_embeds, image_features = self._scatter_image_features(inputs_embeds, image_mask, pixel_values)
                 routing = expert_routing(cogvlm_vision_expert_mask(image_mask), num_vision=num_vision)
             if position_ids is None:
                 if not is_prefill:

@@ -115,8 +115,7 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
             if pixel_values is not None:  # a prefill: one host sync for the count check is fine
                 self._check_image_count(image_mask, pixel_values.shape[0])
-                image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
-                inputs_embeds = inputs_embeds.masked_scatter(image_mask.to(inputs_embeds.device).unsqueeze(-1), image_features)
+                inputs_embeds, image_features = self._scatter_image_features(inputs_embeds, image_mask, pixel_values)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (their placeholders say where the images go)")
 

@@ -118,8 +118,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             if pixel_values is not None or derive_positions:  # a prefill: one host sync is fine
                 self._check_image_count(image_mask, 0 if pixel_values is None else pixel_values.shape[0])
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
-                inputs_embeds = inputs_embeds.masked_scatter(image_mask.to(inputs_embeds.device).unsqueeze(-1), image_features)
+                inputs_embeds, image_features = self._scatter_image_features(inputs_embeds, image_mask, pixel_values)
             if derive_positions:
                 check_chatglm_prompt(input_ids, attention_mask, self.config.text_config)
                 position_ids = chatglm_position_ids(input_ids, attention_mask, self.config.text_config)

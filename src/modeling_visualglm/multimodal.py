@@ -81,3 +81,13 @@ class MultimodalPreTrainedModel(PreTrainedModel):
 
     def get_decoder(self):
         return self.language_model
+
+    def _scatter_image_features(
+        self, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode ``pixel_values`` and write the features over the placeholders: (B, T, H) embeddings, (B, T)
+        mask → (embeddings, features (N, num_image_tokens, H)). The features and the mask follow the
+        embeddings' device, which differs from the vision tower's under a ``device_map`` split."""
+        features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = image_mask.to(inputs_embeds.device).unsqueeze(-1)
+        return inputs_embeds.masked_scatter(mask, features), features
