@@ -97,15 +97,6 @@ def _lm_params(model):
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith(("language_model", "lm_head")))
 
 
-def _tiny_text(**extra):
-    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **extra)
-
-
-def _tiny_vision(image_size=56, **extra):
-    return dict(image_size=image_size, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, **extra)
-
-
 def _multimodal(model, cfg, image_size, layout):
     """``prompt(n_text)`` → ids laid out by ``layout(text_ids, image_placeholders)``; ``images(n)`` → pixels."""
     gen = torch.Generator().manual_seed(0)
@@ -136,17 +127,11 @@ def build_visualglm(tiny=False):
 
 
 def _build_cogvlm(version, tiny):
-    from modeling_visualglm.configuration_cogvlm import CogVLMConfig, default_text_config, default_vision_config
+    from modeling_visualglm.configuration_cogvlm import CogVLMConfig
     from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
+    from modeling_visualglm.testing_utils import tiny_cogvlm_config
 
-    kw = {}
-    if tiny:
-        kv = 2 if version == "cogvlm2" else 4
-        kw = dict(vision_config={**default_vision_config(version), **_tiny_vision(112 if version == "cogvlm2" else 56)},
-                  text_config={**default_text_config(version),
-                               **_tiny_text(vocab_size=200, num_key_value_heads=kv, bos_token_id=1, eos_token_id=2,
-                                            pad_token_id=0)})
-    cfg = CogVLMConfig(version=version, **kw)
+    cfg = tiny_cogvlm_config(version) if tiny else CogVLMConfig(version=version)
     model = _build(CogVLMForConditionalGeneration, cfg)
     bos = cfg.text_config.bos_token_id
     return _multimodal(model, cfg, cfg.vision_config.image_size, lambda body, img: [bos] + img + body)
@@ -155,14 +140,10 @@ def _build_cogvlm(version, tiny):
 def _build_minigpt4(size, tiny):
     from modeling_visualglm.configuration_minigpt4 import MiniGPT4Config
     from modeling_visualglm.modeling_minigpt4 import MiniGPT4ForConditionalGeneration
+    from modeling_visualglm.testing_utils import tiny_minigpt4_config
 
     if tiny:
-        cfg = MiniGPT4Config(variant="vicuna0", vision_config=_tiny_vision(),
-                             qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                 intermediate_size=64),
-                             text_config=_tiny_text(vocab_size=200, num_key_value_heads=4, use_visual_experts=False,
-                                                    bos_token_id=1, eos_token_id=2, pad_token_id=0),
-                             image_token_id=199)
+        cfg = tiny_minigpt4_config()
     else:  # Vicuna v0: 32000 LLaMA ids + FastChat's [PAD] row, which the converter's placeholder reuses
         dims = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}[size]
         text = dict(vocab_size=32001, hidden_size=dims[0], intermediate_size=dims[1], num_hidden_layers=dims[2],
@@ -177,7 +158,8 @@ def _build_minigpt4(size, tiny):
 def build_peer(tiny=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = _tiny_text(vocab_size=200, num_key_value_heads=4) if tiny else dict(
+    size = dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4) if tiny else dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32)
     cfg = LlamaConfig(max_position_embeddings=4096, **size)

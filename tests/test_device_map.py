@@ -17,39 +17,23 @@ import torch
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from modeling_visualglm.configuration_cogvlm import CogVLMConfig, default_text_config, default_vision_config
-from modeling_visualglm.configuration_minigpt4 import MiniGPT4Config
 from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
 from modeling_visualglm.modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-from modeling_visualglm.testing_utils import randomize_, tiny_visualglm_config
-
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-VISION = dict(patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+from modeling_visualglm.testing_utils import (
+    randomize_,
+    tiny_cogvlm_config,
+    tiny_minigpt4_config,
+    tiny_visualglm_config,
+)
 
 
 def _cogvlm(version):
-    kv = 2 if version == "cogvlm2" else 4
-    size = 112 if version == "cogvlm2" else 56  # CogVLM2's stride-2 conv needs an even patch grid
-    cfg = CogVLMConfig(
-        version=version,
-        vision_config={**default_vision_config(version), **VISION, "image_size": size},
-        text_config={**default_text_config(version), **TEXT, "vocab_size": 200, "num_key_value_heads": kv,
-                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-    )
-    return CogVLMForConditionalGeneration(cfg), lambda body, img: [1] + img + body
+    return CogVLMForConditionalGeneration(tiny_cogvlm_config(version)), lambda body, img: [1] + img + body
 
 
 def _minigpt4():
-    cfg = MiniGPT4Config(
-        variant="vicuna0",
-        vision_config={**VISION, "image_size": 56},
-        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
-        text_config={**TEXT, "vocab_size": 200, "num_key_value_heads": 4, "use_visual_experts": False,
-                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-        image_token_id=199,
-    )
-    return MiniGPT4ForConditionalGeneration(cfg), lambda body, img: [1] + body[:3] + img + body[3:]
+    return MiniGPT4ForConditionalGeneration(tiny_minigpt4_config()), lambda body, img: [1] + body[:3] + img + body[3:]
 
 
 def _visualglm():

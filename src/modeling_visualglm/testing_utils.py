@@ -48,6 +48,38 @@ def tiny_visualglm_config(tokenizer=None, *, image_size: int = 56, vocab_size: i
     return VisualGLMConfig(**cfg)
 
 
+_TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=200,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_TINY_VISION = dict(patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_cogvlm_config(version: str = "cogvlm"):
+    """A CogVLM (``version="cogvlm"``, 56 px, 4 KV heads) or CogVLM2 (112 px, so the stride-2 conv sees an
+    even 8x8 grid; 2 KV heads) config with 2-layer blocks and a 200-id vocabulary (bos 1, eos 2, pad 0)."""
+    from .configuration_cogvlm import CogVLMConfig, default_text_config, default_vision_config
+
+    return CogVLMConfig(
+        version=version,
+        vision_config={**default_vision_config(version), **_TINY_VISION,
+                       "image_size": 112 if version == "cogvlm2" else 56},
+        text_config={**default_text_config(version), **_TINY_TEXT,
+                     "num_key_value_heads": 2 if version == "cogvlm2" else 4},
+    )
+
+
+def tiny_minigpt4_config():
+    """A Vicuna-v0 MiniGPT-4 config with 2-layer blocks, a 200-id vocabulary and the placeholder at id 199."""
+    from .configuration_minigpt4 import MiniGPT4Config
+
+    return MiniGPT4Config(
+        variant="vicuna0",
+        vision_config={**_TINY_VISION, "image_size": 56},
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+        text_config={**_TINY_TEXT, "num_key_value_heads": 4, "use_visual_experts": False},
+        image_token_id=199,
+    )
+
+
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """Fill every parameter with seeded noise: weights N(0, std), norm weights N(0, 1) (sign included)."""
