@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import time
 
 import torch
@@ -213,23 +212,13 @@ def bench_family(name, new_tokens, batches, cache_impls):
             inputs = batch_inputs(prompt, images, pad_id, batch)
             torch.cuda.reset_peak_memory_stats()
             try:
-                ttft = median_time(lambda: run_generate(model, inputs, 1, **extra), repeat=3)
-                # a dynamic cache warms up on a short run; a static one must compile at the timed length
-                short = None if cache != "dynamic" else (lambda: run_generate(model, inputs, 16, **extra))
-                total = median_time(lambda: run_generate(model, inputs, new_tokens, **extra), repeat=2, warmup=1,
-                                    warmup_fn=short)
+                timing = _decode_timing(model, inputs, new_tokens, **extra)
             except Exception as exc:  # report, do not hide
                 rows.append({"family": name, "cache": cache, "batch": batch, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"[{name}] cache={cache} batch={batch} FAILED: {exc}", flush=True)
                 continue
-            decode_s = max(total - ttft, 1e-9)
-            row = {
-                "family": name, "cache": cache, "batch": batch, "prompt_len": inputs["input_ids"].shape[1],
-                "ttft_ms": ttft * 1e3, "decode_tok_s_per_seq": (new_tokens - 1) / decode_s,
-                "decode_tok_s_total": batch * (new_tokens - 1) / decode_s,
-                "ms_per_step": decode_s / (new_tokens - 1) * 1e3,
-                "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
-            }
+            row = {"family": name, "cache": cache, "batch": batch, "prompt_len": inputs["input_ids"].shape[1],
+                   **timing, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
             rows.append(row)
             print(json.dumps(row), flush=True)
     info = {"family": name, "build_s": build_s, "weights_GiB": weights_gib, "lm_params": lm_params}
@@ -267,13 +256,16 @@ def _agreement(tokens, ref_tokens, logits, ref_logits):
             "steps": tokens.shape[1], "first_step_logits_rel_l2": rel}
 
 
-def _decode_timing(model, inputs, new_tokens):
-    ttft = median_time(lambda: run_generate(model, inputs, 1), repeat=3)
-    total = median_time(lambda: run_generate(model, inputs, new_tokens), repeat=2,
-                        warmup_fn=lambda: run_generate(model, inputs, 16))
+def _decode_timing(model, inputs, new_tokens, **extra):
+    """TTFT (a 1-token generate) and the decode rate from a full generate minus it; medians."""
+    ttft = median_time(lambda: run_generate(model, inputs, 1, **extra), repeat=3)
+    # a dynamic cache warms up on a short run; a static one must compile at the timed length
+    short = (lambda: run_generate(model, inputs, 16, **extra)) if "cache_implementation" not in extra else None
+    total = median_time(lambda: run_generate(model, inputs, new_tokens, **extra), repeat=2, warmup_fn=short)
     decode_s = max(total - ttft, 1e-9)
-    return {"ttft_ms": ttft * 1e3, "ms_per_step": decode_s / (new_tokens - 1) * 1e3,
-            "decode_tok_s_total": inputs["input_ids"].shape[0] * (new_tokens - 1) / decode_s}
+    return {"ttft_ms": ttft * 1e3, "decode_tok_s_per_seq": (new_tokens - 1) / decode_s,
+            "decode_tok_s_total": inputs["input_ids"].shape[0] * (new_tokens - 1) / decode_s,
+            "ms_per_step": decode_s / (new_tokens - 1) * 1e3}
 
 
 def bench_quant(name, modes, new_tokens, batches, root):
