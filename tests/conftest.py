@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -24,3 +25,34 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 
     return ChatGLMTokenizer.from_pretrained(str(tiny_tokenizer_dir))
 
+
+
+class _DeprecationRecorder(logging.Handler):
+    """Collects what transformers *logs* about deprecations (``logger.warning_once``, not ``warnings.warn``)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        # `torch_dtype` in a config.json the test wrote in a real checkpoint's layout (FastChat's Vicuna, THUDM's
+        # folders): the user's file, not a call of ours
+        if "deprecat" in message.lower() and "torch_dtype" not in message:
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_logged_deprecations():
+    """transformers announces renames (5.24: ``past_key_values`` → ``cache``) through its logger as often as
+    through FutureWarning: a test that makes transformers log a deprecation fails, like one that warns
+    (pyproject's filterwarnings turn those into errors)."""
+    recorder = _DeprecationRecorder()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(recorder)
+    try:
+        yield
+    finally:
+        logger.removeHandler(recorder)
+    if recorder.messages:
+        pytest.fail("transformers logged a deprecation:\n" + "\n".join(recorder.messages))

@@ -242,9 +242,9 @@ def test_prefill_validation_errors():
     with pytest.raises(ValueError, match=r"row 0 .*\[gMASK\]"):
         model(no_mask)
     cache = DynamicCache(config=model.config)
-    model(good, past_key_values=cache)
+    model(good, cache=cache)
     with pytest.raises(ValueError, match="decode steps"):
-        model(torch.tensor([[7]]), past_key_values=cache)
+        model(torch.tensor([[7]]), cache=cache)
 
 
 @torch.no_grad()
@@ -261,13 +261,13 @@ def test_cached_decode_matches_full_forward(cache_kind):
         cache = DynamicCache(config=model.config)
     else:
         cache = StaticCache(config=model.config, max_cache_len=full_ids.shape[1] + 4)
-    out = model(full_ids[:, :prompt_len], attention_mask=full_attn[:, :prompt_len], past_key_values=cache)
+    out = model(full_ids[:, :prompt_len], attention_mask=full_attn[:, :prompt_len], cache=cache)
     real = full_attn[:, :prompt_len].bool()
     assert rel_err(out.last_hidden_state[real], full[:, :prompt_len][real]) <= TOL
     for t in range(prompt_len, full_ids.shape[1]):
         pos = chatglm_position_ids(full_ids[:, : t + 1], full_attn[:, : t + 1], model.config)[..., -1:]
         out = model(
-            full_ids[:, t : t + 1], attention_mask=full_attn[:, : t + 1], position_ids=pos, past_key_values=cache
+            full_ids[:, t : t + 1], attention_mask=full_attn[:, : t + 1], position_ids=pos, cache=cache
         )
         assert rel_err(out.last_hidden_state[:, 0], full[:, t]) <= TOL
 
@@ -279,10 +279,10 @@ def test_decode_without_mask_matches_full_forward():
     ids = prompt(7, 4, seed=11)[None]
     full = model(ids).last_hidden_state
     cache = DynamicCache(config=model.config)
-    model(ids[:, :-4], past_key_values=cache)
+    model(ids[:, :-4], cache=cache)
     for t in range(ids.shape[1] - 4, ids.shape[1]):
         pos = chatglm_position_ids(ids[:, : t + 1], None, model.config)[..., -1:]
-        out = model(ids[:, t : t + 1], position_ids=pos, past_key_values=cache)
+        out = model(ids[:, t : t + 1], position_ids=pos, cache=cache)
         assert rel_err(out.last_hidden_state[:, 0], full[:, t]) <= TOL
 
 

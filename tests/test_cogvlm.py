@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from modeling_visualglm.compat import output_cache
 from modeling_visualglm.configuration_cogvlm import CogVLMConfig
 from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
 from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration, cogvlm_position_ids
@@ -391,7 +392,7 @@ def test_one_host_sync_per_prefill_none_per_decode(tokenizer):
     pos = cogvlm_position_ids(ids == model.config.image_token_id)[:, -1:] + 1
     counter = _SyncCounter()
     with counter:
-        model(input_ids=nxt, position_ids=pos, past_key_values=out.past_key_values)
+        model(input_ids=nxt, position_ids=pos, cache=output_cache(out))
     assert counter.syncs == []
 
     # a ragged, left-padded batch: the padding mask must not add host reads either
@@ -406,7 +407,7 @@ def test_one_host_sync_per_prefill_none_per_decode(tokenizer):
     counter = _SyncCounter()
     with counter:
         model(input_ids=out.logits[:, -1:].argmax(-1), position_ids=pos, attention_mask=mask,
-              past_key_values=out.past_key_values)
+              cache=output_cache(out))
     assert counter.syncs == []
 
 
@@ -563,7 +564,7 @@ def test_bad_inputs(tokenizer):
         model(input_ids=t, pixel_values=pv, token_type_ids=torch.zeros_like(t))
     out = model(input_ids=t, pixel_values=pv)
     with pytest.raises(ValueError, match="position_ids are required"):
-        model(input_ids=t[:, -1:], past_key_values=out.past_key_values)
+        model(input_ids=t[:, -1:], cache=output_cache(out))
     with pytest.raises(ValueError, match="pixel_values need input_ids"):
         model(inputs_embeds=torch.zeros(1, 3, 64), pixel_values=pv)
     with pytest.raises(ValueError, match="patches"):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from modeling_visualglm.compat import output_cache
 from modeling_visualglm.configuration_blocks import LlamaExpertConfig
 from modeling_visualglm.llama import LlamaExpertModel
 
@@ -287,7 +288,7 @@ def test_each_token_runs_one_expert():
     per_module = 3 * model.config.num_hidden_layers
     assert calls.rows == {"language": per_module * 12, "vision": per_module * 8}
     calls.rows = {"language": 0, "vision": 0}
-    model(random_ids(2, seed=15)[:, None], past_key_values=out.past_key_values)  # a decode step (B=2)
+    model(random_ids(2, seed=15)[:, None], cache=output_cache(out))  # a decode step (B=2)
     assert calls.rows == {"language": per_module * 2, "vision": 0}
     calls.remove()
 
@@ -316,7 +317,7 @@ def test_host_syncs():
     assert len(counter.syncs) == 1, counter.syncs  # the routing split size, once per prefill
     counter = _SyncCounter()
     with counter:
-        model(random_ids(1, seed=18)[None], past_key_values=out.past_key_values)
+        model(random_ids(1, seed=18)[None], cache=output_cache(out))
     assert counter.syncs == []  # decode: language expert only, static shapes
     counter = _SyncCounter()
     with counter:
@@ -332,7 +333,7 @@ def test_host_syncs():
     counter = _SyncCounter()
     with counter:
         model(random_ids(2, seed=21)[:, None], attention_mask=torch.cat([attn, torch.ones(2, 1, dtype=torch.long)], 1),
-              past_key_values=out.past_key_values)
+              cache=output_cache(out))
     assert counter.syncs == []
 
 
@@ -352,9 +353,9 @@ def test_cached_decode_equals_full_forward(preset):
 
     out = model(ids[:, :n_prompt], vision_expert_mask=vis[:, :n_prompt])
     steps = [out.last_hidden_state]
-    cache = out.past_key_values
+    cache = output_cache(out)
     for i in range(n_prompt, n_prompt + n_new):
-        out = model(ids[:, i : i + 1], past_key_values=cache)
+        out = model(ids[:, i : i + 1], cache=cache)
         steps.append(out.last_hidden_state)
     assert rel_err(torch.cat(steps, 1), full) <= TOL
 
@@ -372,11 +373,11 @@ def test_left_padded_batch_equals_singles(preset, attn):
     out = model(ids, attention_mask=attn_mask, vision_expert_mask=vis)
     nxt = random_ids(3, seed=30)[:, None]
     step = model(nxt, attention_mask=torch.cat([attn_mask, torch.ones(3, 1, dtype=torch.long)], 1),
-                 past_key_values=out.past_key_values).last_hidden_state
+                 cache=output_cache(out)).last_hidden_state
     assert torch.isfinite(out.last_hidden_state).all()
     for i, (r, m) in enumerate(zip(rows, masks)):
         single = model(r[None], vision_expert_mask=m[None])
-        single_step = model(nxt[i : i + 1], past_key_values=single.past_key_values).last_hidden_state
+        single_step = model(nxt[i : i + 1], cache=output_cache(single)).last_hidden_state
         assert rel_err(out.last_hidden_state[i, -len(r) :], single.last_hidden_state[0]) <= TOL
         assert rel_err(step[i], single_step[0]) <= TOL
 

@@ -455,7 +455,7 @@ def test_static_cache_decode_step_compiles_without_graph_breaks():
     max_len = ids.shape[1] + 8
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=pixels(1, seed=43), past_key_values=cache)
+        out = model(input_ids=ids, pixel_values=pixels(1, seed=43), cache=cache)
         nxt = out.logits[:, -1:].argmax(-1)
         pos = torch.tensor([[ids.shape[1]]])
         mask = torch.ones(1, max_len, dtype=torch.long)
@@ -463,7 +463,7 @@ def test_static_cache_decode_step_compiles_without_graph_breaks():
 
         def step(input_ids, position_ids, attention_mask):
             return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=cache, logits_to_keep=1).logits
+                         cache=cache, logits_to_keep=1).logits
 
         explained = torch._dynamo.explain(step)(nxt, pos, mask)
         # the step is a real cached decode: rewriting the same slot gives the full forward's last logits

@@ -290,7 +290,7 @@ def test_static_cache_decode_step_compiles_without_graph_breaks(model, tiny_toke
                                                num_image_tokens=cfg.num_image_tokens)])
     cache = StaticCache(config=cfg, max_cache_len=ids.shape[1] + 8)
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=pixel(model, make_image(12)), past_key_values=cache)
+        out = model(input_ids=ids, pixel_values=pixel(model, make_image(12)), cache=cache)
         nxt = out.logits[:, -1:].argmax(-1)
         full = torch.cat([ids, nxt], dim=1)
         pos = chatglm_position_ids(full, None, cfg.text_config)[..., -1:]
@@ -298,7 +298,7 @@ def test_static_cache_decode_step_compiles_without_graph_breaks(model, tiny_toke
 
         def step(input_ids, position_ids, attention_mask):
             return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=cache, logits_to_keep=1).logits
+                         cache=cache, logits_to_keep=1).logits
 
         explained = torch._dynamo.explain(step)(nxt, pos, mask)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
@@ -309,3 +309,28 @@ def test_generate_with_placeholders_but_no_image_raises(model, tiny_tokenizer):
     ids = build_visualglm_inputs(tiny_tokenizer, "Hi?", has_image=True, num_image_tokens=cfg.num_image_tokens)
     with pytest.raises(ValueError, match="image placeholders"):
         model.generate(input_ids=torch.tensor([ids]), max_new_tokens=2, min_length=0)
+
+
+def test_cache_is_accepted_under_both_names(model, tiny_tokenizer):
+    """``cache`` (transformers >= 5.24) and ``past_key_values`` (before) name one argument, in every family's
+    forward; the output carries the cache under the running release's name."""
+    from transformers import DynamicCache
+
+    from modeling_visualglm.chatglm import chatglm_position_ids
+    from modeling_visualglm.compat import CACHE_ARG
+
+    cfg = model.config
+    prompt = build_visualglm_inputs(tiny_tokenizer, "Hi?", has_image=False, num_image_tokens=cfg.num_image_tokens)
+    ids = torch.tensor([prompt + [7]])  # the prompt, then one "generated" token
+    steps = []
+    for name in ("cache", "past_key_values"):
+        cache = DynamicCache(config=cfg.text_config)
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :-1], **{name: cache})
+            assert getattr(out, CACHE_ARG) is cache
+            pos = chatglm_position_ids(ids, None, cfg.text_config)[..., -1:]
+            steps.append(model(input_ids=ids[:, -1:], position_ids=pos, **{name: cache}).logits)
+    assert torch.equal(steps[0], steps[1])
+    with pytest.raises(ValueError, match="pass the cache once"):
+        model(input_ids=ids, cache=DynamicCache(config=cfg.text_config),
+              past_key_values=DynamicCache(config=cfg.text_config))

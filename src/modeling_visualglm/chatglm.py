@@ -33,7 +33,6 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -41,6 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq
+from .compat import cache_kwargs, cache_update_kwargs, init, kv_length, pick_cache
 from .configuration_blocks import ChatGLMConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,7 +224,8 @@ class ChatGLMAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
+        cache_kwargs: Optional[dict] = None,
         **kwargs,
     ):
         input_shape = hidden_states.shape[:-1]
@@ -245,8 +246,8 @@ class ChatGLMAttention(nn.Module):
             dim=-1,
         )
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, **(cache_kwargs or {}))
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -281,7 +282,7 @@ class ChatGLMBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         **kwargs,
     ) -> torch.Tensor:
         attn_input = self.input_layernorm(hidden_states)
@@ -289,7 +290,7 @@ class ChatGLMBlock(GradientCheckpointingLayer):
             attn_input,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = self.alpha * attn_input + attn_output
@@ -305,7 +306,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ChatGLMBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     # flash kernels take only causal/full attention plus padding, not a bidirectional prefix followed by a
     # causal tail; flex would need a BlockMask built from the block positions (not done)
@@ -344,11 +345,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -363,6 +365,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids or inputs_embeds")
+        cache = pick_cache(cache, past_key_values)
+        kwargs.pop("cache_position", None)  # transformers 4.57.x generate() passes it; positions come from the cache
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
@@ -371,13 +375,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         batch_size, seq_len = inputs_embeds.shape[:2]
 
         if position_ids is None:
             # one host sync, acceptable at prefill; decode steps always pass position_ids
-            if past_key_values is not None and past_key_values.get_seq_length() != 0:
+            if cache is not None and cache.get_seq_length() != 0:
                 raise ValueError(
                     "position_ids are required for decode steps (the cache is not empty): compute them with "
                     "chatglm_position_ids(full_input_ids, attention_mask, config) on prompt + generated ids and "
@@ -397,19 +401,20 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 4:
             mask = attention_mask
         else:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            kv_length = past_key_values.get_mask_sizes(seq_len, 0)[0] if past_key_values is not None else seq_len
+            past_length = cache.get_seq_length() if cache is not None else 0
+            kv_len = kv_length(cache, seq_len) if cache is not None else seq_len
             if (
                 attention_mask is None
                 and seq_len == 1
                 and isinstance(past_length, int)
-                and kv_length == past_length + 1
+                and kv_len == past_length + 1
             ):
                 mask = None  # a single new token sees every cached key
             else:
-                mask = chatglm_prefix_lm_mask(position_ids, attention_mask, past_length, kv_length)
+                mask = chatglm_prefix_lm_mask(position_ids, attention_mask, past_length, kv_len)
 
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
+        update_kwargs = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
@@ -419,7 +424,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=mask,
-                past_key_values=past_key_values,
+                cache=cache,
+                **update_kwargs,
                 **kwargs,
             )
         hidden_states = self.final_layernorm(hidden_states)
@@ -428,7 +434,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=all_hidden_states,
+            **cache_kwargs(cache),
         )
         return output if return_dict else output.to_tuple()

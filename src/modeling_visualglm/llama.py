@@ -38,15 +38,14 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq
+from .compat import cache_kwargs, cache_update_kwargs, causal_mask, init, pick_cache
 from .configuration_blocks import LlamaExpertConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,8 +219,9 @@ class LlamaExpertAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         routing: Optional[ExpertRouting] = None,
+        cache_kwargs: Optional[dict] = None,
         **kwargs,
     ):
         input_shape = hidden_states.shape[:-1]
@@ -237,8 +237,8 @@ class LlamaExpertAttention(nn.Module):
         query = apply_rotary(query, cos, sin)
         key = apply_rotary(key, cos, sin)
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, **(cache_kwargs or {}))
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -272,7 +272,7 @@ class LlamaExpertDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         routing: Optional[ExpertRouting] = None,
         **kwargs,
     ) -> torch.Tensor:
@@ -280,7 +280,7 @@ class LlamaExpertDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             routing=routing,
             **kwargs,
         )
@@ -296,7 +296,7 @@ class LlamaExpertPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaExpertDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     # transformers' flash / flex paths read packed sequences from position_ids when no mask is given; CogVLM's
     # image block repeats positions (bos 0, boi 1, patches 2, eoi 3), which those paths would misread
@@ -335,12 +335,13 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         vision_expert_mask: Optional[torch.Tensor | ExpertRouting] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -354,6 +355,8 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = pick_cache(cache, past_key_values)
+        kwargs.pop("cache_position", None)  # transformers 4.57.x generate() passes it; positions come from the cache
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
@@ -363,8 +366,8 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         if vision_expert_mask is not None and not self.config.use_visual_experts:
             raise ValueError("vision_expert_mask was given but this model has no visual experts")
@@ -386,7 +389,7 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
             if attention_mask is not None and attention_mask.ndim == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
             else:
-                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                past_length = cache.get_seq_length() if cache is not None else 0
                 position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None] + past_length
                 position_ids = position_ids.expand(batch_size, -1)
         elif position_ids.ndim != 2:
@@ -396,14 +399,8 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         # positions as packed sequences. With a padding mask, transformers' "is it all ones? then use
         # is_causal" shortcut reads the mask on the host at every step; the mask is materialized instead
         # (generate drops all-ones masks, so unpadded batches still get SDPA's is_causal path).
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=None,
-            allow_is_causal_skip=attention_mask is None,
-        )
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, allow_is_causal_skip=attention_mask is None)
+        update_kwargs = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
 
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
         hidden_states = inputs_embeds
@@ -415,8 +412,9 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 routing=routing,
+                **update_kwargs,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -425,8 +423,8 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
+            **cache_kwargs(cache if use_cache else None),
         )
         return output if return_dict else output.to_tuple()
 

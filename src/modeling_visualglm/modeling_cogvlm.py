@@ -34,9 +34,9 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers import initialization as init
 
 from .chat_utils import check_history, stream_generate
+from .compat import cache_kwargs, generation_cache, init, output_cache, pick_cache
 from .configuration_cogvlm import CogVLMConfig
 from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalPreTrainedModel, placeholder_count_error
 from .eva_vit import EvaVisionModel
@@ -212,13 +212,14 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         pixel_values: Optional[torch.FloatTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values=None,
+        cache=None,
         token_type_ids: Optional[torch.LongTensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
         **kwargs,
     ) -> CogVLMCausalLMOutputWithPast:
         """
@@ -229,8 +230,9 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
         # a static cache reports its length as a tensor: reading it would sync, so only an int 0 means prefill
-        seq = past_key_values.get_seq_length() if past_key_values is not None else 0
+        seq = cache.get_seq_length() if cache is not None else 0
         is_prefill = pixel_values is not None or (isinstance(seq, int) and seq == 0)
         image_mask = None
         image_features = None
@@ -264,7 +266,7 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             vision_expert_mask=routing,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -287,7 +289,7 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         return CogVLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             image_hidden_states=image_features,
         )
@@ -299,7 +301,7 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         input_ids = model_kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[1] == 0:
             input_ids = inputs_tensor
-        cache = model_kwargs.get("past_key_values")
+        cache = generation_cache(model_kwargs)
         mask = model_kwargs.get("attention_mask")
         if (
             input_ids is None
@@ -310,9 +312,7 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
             return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
         return cogvlm_position_ids(input_ids == self.config.image_token_id, mask)
 
-    def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, is_first_iteration=False, **kwargs
-    ):
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # generate() would extend token_type_ids by repeating the last one (VISION after an eoi-final prompt):
         # they are only checked at prefill and derived from the placeholders everywhere else
         token_type_ids = kwargs.pop("token_type_ids", None)
@@ -320,13 +320,8 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
             # generate() did not build positions (e.g. a caller's loop): derive them from the whole sequence
             full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
             kwargs["position_ids"] = cogvlm_position_ids(input_ids == self.config.image_token_id, full_mask)
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
-        )
+        # the cache travels in kwargs under the running release's name (see compat.py)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         ids = model_inputs.get("input_ids")
         if token_type_ids is not None and ids is not None and model_inputs.get("pixel_values") is not None:
             model_inputs["token_type_ids"] = token_type_ids[:, -ids.shape[1] :]

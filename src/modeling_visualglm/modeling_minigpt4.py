@@ -31,6 +31,7 @@ from transformers import GenerationMixin
 from transformers.generation import LogitsProcessorList
 
 from .chat_utils import TokenRangeLogitsProcessor, check_history, stream_generate
+from .compat import cache_kwargs, output_cache, pick_cache
 from .configuration_minigpt4 import MERGE_TOKENS, MiniGPT4Config
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
@@ -98,16 +99,18 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         pixel_values: Optional[torch.FloatTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
         **kwargs,
     ) -> MiniGPT4CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
         image_features = None
         image_mask = None
         if inputs_embeds is None:
@@ -123,7 +126,7 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             **kwargs,
@@ -145,18 +148,15 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         return MiniGPT4CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             image_hidden_states=image_features,
         )
 
     # --- generation hooks -------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-            is_first_iteration=is_first_iteration, **kwargs
-        )
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # the cache travels in kwargs under the running release's name (see compat.py)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         step_ids = model_inputs.get("input_ids")
         if step_ids is not None and step_ids.shape[1] != input_ids.shape[1]:
             model_inputs["pixel_values"] = None  # decode steps never re-encode the image

@@ -31,6 +31,7 @@ from .chat_utils import (
     stream_generate,
 )
 from .chatglm import ChatGLMModel, chatglm_position_ids, check_chatglm_prompt
+from .compat import cache_kwargs, kv_length, output_cache, pick_cache
 from .configuration_visualglm import VisualGLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
@@ -91,20 +92,22 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         pixel_values: Optional[torch.FloatTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
         **kwargs,
     ) -> VisualGLMCausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
         # Decode steps inside generate() always bring position_ids and no pixel_values; they must not read
         # the cache length (a device value for static caches: a host sync and a torch.compile graph break).
         derive_positions = position_ids is None
-        if derive_positions and past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if derive_positions and cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "position_ids are required with a non-empty cache: compute them with chatglm_position_ids("
                 "full_input_ids, attention_mask, config.text_config) on the whole sequence (generate() does this)"
@@ -134,7 +137,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             **kwargs,
@@ -156,19 +159,18 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         return VisualGLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             image_hidden_states=image_features,
         )
 
     # --- generation hooks -------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # generate() tracks 1-D positions (+1 per step); GLM's are 2-D with row 0 frozen at the mask
         # position, so they are derived from the full sequence instead (tensor ops only, no host sync).
         kwargs.pop("position_ids", None)
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
-        )
+        # the cache travels in kwargs under the running release's name (see compat.py)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         step_ids = model_inputs.get("input_ids")
         if step_ids is not None:
             full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
@@ -180,14 +182,14 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
                     self._check_image_count(input_ids == self.config.image_token_id, 0)
         return model_inputs
 
-    def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
-                                  **kwargs):
+    def create_masks_for_generate(self, config=None, attention_mask=None, **kwargs):
         # The language model builds its own prefix-LM mask from the 2-D padding mask and positions. For
         # compileable (static) caches the padding mask is widened to the cache length so every decode step
         # has the same input shapes (no recompilation); the unused tail is never attended.
-        if attention_mask is None or attention_mask.ndim != 2 or not getattr(past_key_values, "is_compileable", False):
+        cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))  # the name changed in 5.24
+        if attention_mask is None or attention_mask.ndim != 2 or not getattr(cache, "is_compileable", False):
             return attention_mask
-        max_len = past_key_values.get_mask_sizes(1, 0)[0]  # a static cache's key length is its capacity
+        max_len = kv_length(cache, 1)  # a static cache's key length is its capacity
         if attention_mask.shape[1] >= max_len:
             return attention_mask
         return nn.functional.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)

@@ -3,12 +3,10 @@ PreTrainedModel flags and embedding accessors of a vision-language model with an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+
+from .compat import MultimodalCausalLMOutputWithPast  # noqa: F401 - the families' output type
 
 
 def placeholder_count_error(n_placeholders: int, num_images: int, num_image_tokens: int, image_token_id: int,
@@ -31,17 +29,6 @@ def check_image_count(image_mask: torch.Tensor, num_images: int, num_image_token
         raise ValueError(error)
 
 
-@dataclass
-class MultimodalCausalLMOutputWithPast(ModelOutput):
-    """``logits`` (B, T, V); ``image_hidden_states`` (N_images, num_image_tokens, H_text) when images were encoded."""
-
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[object] = None
-    hidden_states: Optional[tuple] = None
-    image_hidden_states: Optional[torch.FloatTensor] = None
-
-
 class MultimodalPreTrainedModel(PreTrainedModel):
     """What every family shares: image + text in, a ``language_model`` sub-model and an ``lm_head`` out.
 
@@ -61,7 +48,7 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False

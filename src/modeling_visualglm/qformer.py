@@ -28,14 +28,13 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import eager_attention_forward
+from .compat import bidirectional_mask, init
 from .configuration_blocks import QFormerConfig
 
 
@@ -235,11 +234,8 @@ class QFormerModel(QFormerPreTrainedModel):
         hidden_states = self.query_tokens.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Q, H)
         if encoder_attention_mask is not None:
             # (B, Tk) → the format the attention implementation wants, e.g. (B, 1, Q, Tk)
-            encoder_attention_mask = create_bidirectional_mask(
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=encoder_attention_mask,
-                encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask = bidirectional_mask(
+                self.config, hidden_states, encoder_attention_mask, encoder_hidden_states
             )
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
