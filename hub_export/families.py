@@ -42,8 +42,6 @@ class Family:
     tokenizer: ClassRef
     processor: ClassRef | None
     image_processor: ClassRef | None
-    # generation_config.json: the original chat defaults; token ids are filled from the tokenizer/config
-    generation_defaults: dict
     base_model: str
     license: str
     license_name: str | None = None
@@ -84,9 +82,6 @@ VISUALGLM = Family(
     tokenizer=ClassRef("tokenization_chatglm", "ChatGLMTokenizer"),
     processor=ClassRef("processing_visualglm", "VisualGLMProcessor"),
     image_processor=ClassRef("image_processing_visualglm", "VisualGLMImageProcessor"),
-    # THUDM's HF chat()/stream_chat() defaults (visualglm-6b modeling_chatglm.py; spec §2.4)
-    generation_defaults=dict(max_length=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100,
-                             temperature=0.8, repetition_penalty=1.2),
     base_model="THUDM/visualglm-6b",
     license="other",
     license_name="visualglm-6b-model-license",
@@ -111,9 +106,6 @@ MINIGPT4 = Family(
     tokenizer=ClassRef("processing_minigpt4", "MiniGPT4Tokenizer"),
     processor=None,
     image_processor=ClassRef("image_processing_visualglm", "VisualGLMImageProcessor"),
-    # Chat.answer defaults (MiniGPT-4 @ef1ac08 conversation.py; spec minigpt4.md §1.8)
-    generation_defaults=dict(max_new_tokens=300, num_beams=1, min_length=1, do_sample=True, top_p=0.9,
-                             repetition_penalty=1.0, length_penalty=1.0, temperature=1.0),
     tokenizer_hint="the Vicuna / Llama-2 `tokenizer.model`, i.e. the --llm folder's tokenizer",
     base_model="Vision-CAIR/MiniGPT-4",
     license="bsd-3-clause",
@@ -136,8 +128,6 @@ COGVLM = Family(
     tokenizer=None,
     processor=ClassRef("processing_cogvlm", "CogVLMProcessor"),
     image_processor=ClassRef("image_processing_cogvlm", "CogVLMImageProcessor"),
-    # the HF demos' chat defaults: greedy, 2048 new tokens (cogvlm-chat-hf / cogvlm2-llama3-chat-19B README)
-    generation_defaults=dict(do_sample=False, max_new_tokens=2048),
     base_model="THUDM/cogvlm-chat-hf",
     license="other",
     license_name="cogvlm-model-license",

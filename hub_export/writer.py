@@ -9,7 +9,7 @@
   modules (``hub_export.code``), nothing else;
 - tokenizer files (``ice_text.model``, ``tokenizer_config.json`` with its own ``auto_map``),
   ``processor_config.json`` (nested image processor with its ``auto_map``), ``chat_template.jinja``;
-- ``generation_config.json`` with the family's original chat defaults;
+- ``generation_config.json`` with the stop/pad/bos ids and neutral defaults (``NEUTRAL_GENERATION``);
 - ``README.md``, the model card.
 
 Without a tokenizer it still writes weights, config and code, plus :data:`INCOMPLETE_MARKER`, which makes
@@ -107,13 +107,22 @@ def write_tokenizer_and_processor(folder: Path, family: Family, tokenizer, confi
     return written
 
 
+# generation_config.json is neutral (CONTRACTS §2): a plain generate() or pipeline() decodes greedily and stops at
+# EOS or after this many new tokens, without warnings. The originals' chat sampling defaults live in the model code
+# (each family's CHAT_DEFAULTS), used by chat/stream_chat and the CLIs.
+NEUTRAL_GENERATION = dict(max_new_tokens=256)
+
+
 def write_generation_config(folder: Path, family: Family, config, tokenizer) -> None:
     from transformers import GenerationConfig
 
     text = getattr(config, "text_config", config)
     eos = tokenizer.eos_token_id if tokenizer is not None else text.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer is not None else text.pad_token_id
-    GenerationConfig(**family.generation_defaults, eos_token_id=eos, pad_token_id=pad).save_pretrained(str(folder))
+    if pad is None:
+        pad = text.pad_token_id if text.pad_token_id is not None else eos
+    GenerationConfig(**NEUTRAL_GENERATION, bos_token_id=text.bos_token_id, eos_token_id=eos,
+                     pad_token_id=pad).save_pretrained(str(folder))
 
 
 def write_hub_folder(

@@ -8,6 +8,7 @@ code, built on transformers' streamer hook instead of a hand-written sampling lo
 from __future__ import annotations
 
 import threading
+import warnings
 from queue import Queue
 from typing import Callable, Iterator
 
@@ -30,6 +31,64 @@ def check_history(history) -> list[tuple[str, str]]:
             raise TypeError(f"history[{i}] must hold two strings, got {tuple(type(p).__name__ for p in turn)}")
         turns.append((turn[0], turn[1]))
     return turns
+
+
+def chat_generate_kwargs(defaults: dict, gen_kwargs: dict) -> dict:
+    """The ``generate`` kwargs of one chat turn: a family's ``CHAT_DEFAULTS`` under the caller's overrides.
+
+    In ``chat``, ``max_length`` counts new tokens only (it becomes ``max_new_tokens``; an explicit
+    ``max_new_tokens`` wins), so a long history never leaves the answer without room. Without sampling, the
+    table's sampling knobs are set to None so they neither apply nor warn.
+    """
+    user = dict(gen_kwargs)
+    if "max_length" in user:
+        max_length = user.pop("max_length")
+        user.setdefault("max_new_tokens", max_length)
+    kwargs = {**defaults, **user}
+    if not kwargs.get("do_sample", False):
+        for key in ("top_p", "top_k", "temperature"):
+            if key in defaults and key not in user:
+                kwargs[key] = None
+    return kwargs
+
+
+def fit_chat_prompt(build: Callable[[list], list], history: list, max_positions: int, max_new_tokens: int) -> list:
+    """Prompt ids for ``history`` + the query, with room for the answer.
+
+    ``build(turns)`` returns the prompt ids for a list of history turns. While the prompt leaves fewer than
+    ``min(max_new_tokens, max_positions // 4)`` of the model's ``max_positions`` for the answer, the oldest turn is
+    dropped from the prompt (the caller's history is not changed), with a warning. A query that does not fit even
+    without history raises ``ValueError``.
+    """
+    reserve = max(1, min(max_new_tokens, max_positions // 4))
+    turns = list(history)
+    ids = build(turns)
+    while turns and len(ids) + reserve > max_positions:
+        turns = turns[1:]
+        ids = build(turns)
+    if len(turns) < len(history):
+        warnings.warn(
+            f"chat: the oldest {len(history) - len(turns)} of {len(history)} history turn(s) were left out of the "
+            f"prompt so that it fits the model's {max_positions} positions with room for the answer",
+            UserWarning,
+            stacklevel=3,
+        )
+    if len(ids) >= max_positions:
+        raise ValueError(
+            f"the query is {len(ids)} tokens with its template (and image), but the model has only {max_positions} "
+            "positions: shorten the query"
+        )
+    return ids
+
+
+def prepare_chat(build: Callable[[list], list], history: list, defaults: dict, gen_kwargs: dict,
+                 max_positions: int) -> tuple[list, dict]:
+    """(prompt ids, generate kwargs) of one chat turn; the answer never runs past ``max_positions``."""
+    kwargs = chat_generate_kwargs(defaults, gen_kwargs)
+    budget = kwargs.get("max_new_tokens") or max_positions
+    ids = fit_chat_prompt(build, history, max_positions, budget)
+    kwargs["max_new_tokens"] = min(budget, max_positions - len(ids))
+    return ids, kwargs
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):

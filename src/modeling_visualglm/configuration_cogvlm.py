@@ -13,6 +13,10 @@ from .configuration_blocks import EvaVisionConfig, LlamaExpertConfig
 
 VERSIONS = ("cogvlm", "cogvlm2")
 
+# The HF demos' chat defaults (cogvlm-chat-hf / cogvlm2-llama3-chat-19B README): greedy, 2048 new tokens. Used by
+# `chat`, `stream_chat` and the CLIs; generation_config.json stays neutral.
+CHAT_DEFAULTS = dict(do_sample=False, max_new_tokens=2048)
+
 
 def default_vision_config(version: str) -> dict:
     """EVA2-CLIP-E: 63 post-sublayer-LN layers, hidden 1792, 16 heads, MLP 15360, CLS dropped."""

@@ -20,6 +20,13 @@ VARIANTS = ("vicuna0", "llama2", "minigptv2")
 # MiniGPT-4 LLaMA-2 / v2 concatenate this many consecutive patch tokens before llama_proj
 MERGE_TOKENS = 4
 
+# Chat.answer's defaults (MiniGPT-4 @ef1ac08 conversation.py): sampling with top_p 0.9, temperature 1, one beam,
+# 300 new tokens; MiniGPT-v2's demo asks for 500. Used by `chat`, `stream_chat` and the CLIs; generation_config.json
+# stays neutral.
+_CHAT_ANSWER = dict(max_new_tokens=300, num_beams=1, min_length=1, do_sample=True, top_p=0.9, repetition_penalty=1.0,
+                    length_penalty=1.0, temperature=1.0)
+CHAT_DEFAULTS = {"vicuna0": _CHAT_ANSWER, "llama2": _CHAT_ANSWER, "minigptv2": {**_CHAT_ANSWER, "max_new_tokens": 500}}
+
 
 def _sub(cls, value):
     if value is None:

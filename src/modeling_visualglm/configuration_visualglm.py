@@ -4,6 +4,13 @@ from transformers import PretrainedConfig
 
 from .configuration_blocks import ChatGLMConfig, EvaVisionConfig, QFormerConfig
 
+# THUDM's HF chat()/stream_chat() defaults (visualglm-6b modeling_chatglm.py), used by `chat`, `stream_chat` and
+# the CLIs; generation_config.json stays neutral. The original's `max_length=1024` counted the prompt too: here
+# the same number counts new tokens only, so a long history never leaves the answer without room (chat_utils).
+# `min_length` keeps its generate() meaning (prompt included), as in the original.
+CHAT_DEFAULTS = dict(max_new_tokens=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100, temperature=0.8,
+                     repetition_penalty=1.2)
+
 
 def _sub(cls, value):
     if value is None:

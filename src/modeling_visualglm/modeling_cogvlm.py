@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 
-from .chat_utils import check_history, stream_generate
+from .chat_utils import check_history, prepare_chat, stream_generate
 from .compat import cache_kwargs, generation_cache, init, output_cache, pick_cache
-from .configuration_cogvlm import CogVLMConfig
+from .configuration_cogvlm import CHAT_DEFAULTS, CogVLMConfig
 from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalPreTrainedModel, placeholder_count_error
 from .eva_vit import EvaVisionModel
 from .image_processing_cogvlm import CogVLMImageProcessor
@@ -328,41 +328,38 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         return model_inputs
 
     # --- chat -------------------------------------------------------------------------------------
-    def _chat_inputs(self, tokenizer, image, query, history, template):
-        prompt = build_cogvlm_prompt(query, history, template)
-        ids = build_cogvlm_inputs(
-            tokenizer, prompt, image is not None, self.config.num_image_tokens, self.config.image_token_id
-        )
+    def _chat_inputs(self, tokenizer, image, query, history, template, gen_kwargs):
+        """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
+        template = template or self.config.template_version
+
+        def build(turns):
+            prompt = build_cogvlm_prompt(query, turns, template)
+            return build_cogvlm_inputs(tokenizer, prompt, image is not None, self.config.num_image_tokens,
+                                       self.config.image_token_id)
+
+        ids, kwargs = prepare_chat(build, history, CHAT_DEFAULTS, gen_kwargs,
+                                   self.config.text_config.max_position_embeddings)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pixel_values = None
         if image is not None:
             processor = CogVLMImageProcessor(size=self.config.vision_config.image_size)
             pixel_values = processor(image, return_tensors="pt")["pixel_values"]
             pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.dtype)
-        return input_ids, pixel_values
-
-    def _chat_gen_kwargs(self, tokenizer, gen_kwargs):
-        # the demos' defaults: greedy, up to 2048 new tokens (CogVLM1: max_length 2048 in total)
-        kwargs = dict(do_sample=False)
-        if "max_length" not in gen_kwargs:
-            kwargs["max_new_tokens"] = 2048
-        kwargs.update(gen_kwargs)
         kwargs.setdefault("eos_token_id", self.config.text_config.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.text_config.pad_token_id
         kwargs.setdefault("pad_token_id", pad)
-        return kwargs
+        return input_ids, pixel_values, kwargs
 
     @torch.no_grad()
     def chat(self, tokenizer, image, query: str, history=None, template: Optional[str] = None, **gen_kwargs):
         """One chat turn. ``image``: a path, a PIL image, or None (text only); ``template``: base | chat | vqa |
         text (default ``config.template_version``). Returns ``(response, history + [(query, response)])``.
-        Generation defaults are the demos' (greedy, ``max_new_tokens=2048``); any ``generate`` kwarg overrides."""
+        Generation defaults are the demos' (``configuration_cogvlm.CHAT_DEFAULTS``: greedy, 2048 new tokens); any
+        ``generate`` kwarg overrides them. ``max_length`` counts new tokens here; history turns that do not fit
+        the model's positions are left out of the prompt, oldest first, with a warning."""
         history = check_history(history)
-        template = template or self.config.template_version
-        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, template)
-        outputs = self.generate(
-            input_ids=input_ids, pixel_values=pixel_values, **self._chat_gen_kwargs(tokenizer, gen_kwargs)
-        )
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, template, gen_kwargs)
+        outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         new_tokens = outputs[0, input_ids.shape[1] :].tolist()
         response = process_response(tokenizer.decode(new_tokens, skip_special_tokens=True))
         return response, history + [(query, response)]
@@ -371,15 +368,14 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
     def stream_chat(self, tokenizer, image, query: str, history=None, template: Optional[str] = None, **gen_kwargs):
         """Like ``chat`` but yields ``(partial_response, history + [(query, partial_response)])`` per new token."""
         history = check_history(history)
-        template = template or self.config.template_version
-        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, template)
-        kwargs = self._chat_gen_kwargs(tokenizer, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, template, gen_kwargs)
 
         def decode(tokens):
             return process_response(tokenizer.decode(tokens, skip_special_tokens=True))
 
         for response in stream_generate(self, decode, input_ids=input_ids, pixel_values=pixel_values, **kwargs):
             yield response, history + [(query, response)]
+
 
 __all__ = [
     "CogVLMPreTrainedModel",

@@ -30,9 +30,9 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers.generation import LogitsProcessorList
 
-from .chat_utils import TokenRangeLogitsProcessor, check_history, stream_generate
+from .chat_utils import TokenRangeLogitsProcessor, check_history, prepare_chat, stream_generate
 from .compat import cache_kwargs, output_cache, pick_cache
-from .configuration_minigpt4 import MERGE_TOKENS, MiniGPT4Config
+from .configuration_minigpt4 import CHAT_DEFAULTS, MERGE_TOKENS, MiniGPT4Config
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
 from .llama import LlamaExpertModel
@@ -166,44 +166,35 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         return model_inputs
 
     # --- chat -------------------------------------------------------------------------------------
-    def _chat_inputs(self, tokenizer, image, query, history):
-        ids = build_minigpt4_inputs(
-            tokenizer, self.config.variant, query, history=history, has_image=image is not None,
-            num_image_tokens=self.config.num_image_tokens, image_token_id=self.config.image_token_id,
-        )
+    def _chat_inputs(self, tokenizer, image, query, history, logits_processor, gen_kwargs):
+        """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
+
+        def build(turns):
+            return build_minigpt4_inputs(
+                tokenizer, self.config.variant, query, history=turns, has_image=image is not None,
+                num_image_tokens=self.config.num_image_tokens, image_token_id=self.config.image_token_id,
+            )
+
+        ids, kwargs = prepare_chat(build, history, CHAT_DEFAULTS[self.config.variant], gen_kwargs,
+                                   self.config.text_config.max_position_embeddings)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pixel_values = None
         if image is not None:
             processor = VisualGLMImageProcessor(size=self.config.vision_config.image_size)
             pixel_values = processor(image, return_tensors="pt")["pixel_values"]
             pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.dtype)
-        return input_ids, pixel_values
-
-    def _chat_gen_kwargs(self, tokenizer, logits_processor, gen_kwargs):
-        # Chat.answer defaults (MiniGPT-4 @ef1ac08): sampling with top_p 0.9, temperature 1, one beam,
-        # repetition_penalty 1.0, max_new_tokens 300 (MiniGPT-v2's demo: 500); overridable per call
-        defaults = dict(max_new_tokens=500 if self.config.variant == "minigptv2" else 300, num_beams=1,
-                        min_length=1, do_sample=True, top_p=0.9, repetition_penalty=1.0, length_penalty=1.0,
-                        temperature=1.0)
-        defaults.update(gen_kwargs)
-        if "max_length" in gen_kwargs and "max_new_tokens" not in gen_kwargs:
-            defaults.pop("max_new_tokens")
-        if not defaults["do_sample"]:  # greedy/beam: sampling knobs would only trigger warnings
-            for key in ("top_p", "temperature"):
-                if key not in gen_kwargs:
-                    defaults[key] = None
         stops = STOP_STRINGS[self.config.variant]
         if stops and "stop_strings" not in gen_kwargs:
-            defaults["stop_strings"] = stops
-            defaults["tokenizer"] = tokenizer
+            kwargs["stop_strings"] = stops
+            kwargs["tokenizer"] = tokenizer
         processors = LogitsProcessorList(logits_processor or [])
         # the image placeholder id (and any padded rows) lie past the tokenizer: never sample them
         processors.append(TokenRangeLogitsProcessor(len(tokenizer)))
-        defaults["logits_processor"] = processors
-        defaults.setdefault("eos_token_id", self.config.text_config.eos_token_id)
-        defaults.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                            else self.config.text_config.eos_token_id)
-        return defaults
+        kwargs["logits_processor"] = processors
+        kwargs.setdefault("eos_token_id", self.config.text_config.eos_token_id)
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                          else self.config.text_config.eos_token_id)
+        return input_ids, pixel_values, kwargs
 
     def _decode(self, tokenizer, tokens) -> str:
         return process_response(tokenizer.decode(tokens, skip_special_tokens=True))
@@ -213,12 +204,14 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         """One chat turn. ``image``: a path, a PIL image, or None (text only).
 
         Returns ``(response, history + [(query, response)])``. Defaults are the original ``Chat.answer``'s
-        (sampling, top_p 0.9, temperature 1.0, max_new_tokens 300, stop at ``###`` for the MiniGPT-4
-        variants); pass e.g. ``do_sample=False, max_new_tokens=64`` to override.
+        (``configuration_minigpt4.CHAT_DEFAULTS``: sampling, top_p 0.9, temperature 1.0, 300 new tokens, 500 for
+        MiniGPT-v2, stop at ``###`` for the MiniGPT-4 variants); any ``generate`` keyword overrides them, e.g.
+        ``do_sample=False, max_new_tokens=64``. ``max_length`` counts new tokens here; history turns that do not
+        fit the model's positions are left out of the prompt, oldest first, with a warning.
         """
         history = check_history(history)
-        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history)
-        kwargs = self._chat_gen_kwargs(tokenizer, logits_processor, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, logits_processor,
+                                                            gen_kwargs)
         outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         response = self._decode(tokenizer, outputs[0, input_ids.shape[1]:].tolist())
         return response, history + [(query, response)]
@@ -227,8 +220,8 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
     def stream_chat(self, tokenizer, image, query: str, history=None, logits_processor=None, **gen_kwargs):
         """Like ``chat`` but yields ``(partial_response, history)`` after every generated token."""
         history = check_history(history)
-        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history)
-        kwargs = self._chat_gen_kwargs(tokenizer, logits_processor, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, logits_processor,
+                                                            gen_kwargs)
         for response in stream_generate(self, lambda t: self._decode(tokenizer, t), input_ids=input_ids,
                                         pixel_values=pixel_values, **kwargs):
             yield response, history + [(query, response)]

@@ -28,11 +28,12 @@ from .chat_utils import (
     InvalidScoreLogitsProcessor,
     TokenRangeLogitsProcessor,
     check_history,
+    prepare_chat,
     stream_generate,
 )
 from .chatglm import ChatGLMModel, chatglm_position_ids, check_chatglm_prompt
 from .compat import cache_kwargs, kv_length, output_cache, pick_cache
-from .configuration_visualglm import VisualGLMConfig
+from .configuration_visualglm import CHAT_DEFAULTS, VisualGLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
 from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalPreTrainedModel, check_image_count
@@ -195,53 +196,42 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         return nn.functional.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
     # --- chat -------------------------------------------------------------------------------------
-    def _chat_inputs(self, tokenizer, image, query, history, english):
-        ids = build_visualglm_inputs(
-            tokenizer,
-            query,
-            history=history,
-            has_image=image is not None,
-            num_image_tokens=self.config.num_image_tokens,
-            english=english,
-        )
+    def _chat_inputs(self, tokenizer, image, query, history, english, logits_processor, gen_kwargs):
+        """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
+
+        def build(turns):
+            return build_visualglm_inputs(tokenizer, query, history=turns, has_image=image is not None,
+                                          num_image_tokens=self.config.num_image_tokens, english=english)
+
+        ids, kwargs = prepare_chat(build, history, CHAT_DEFAULTS, gen_kwargs,
+                                   self.config.text_config.max_position_embeddings)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pixel_values = None
         if image is not None:
             processor = VisualGLMImageProcessor(size=self.config.vision_config.image_size)
             pixel_values = processor(image, return_tensors="pt")["pixel_values"]
             pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.dtype)
-        return input_ids, pixel_values
-
-    def _chat_gen_kwargs(self, tokenizer, logits_processor, gen_kwargs):
-        # THUDM's HF chat() defaults (visualglm-6b modeling_chatglm.py), overridable per call
-        defaults = dict(max_length=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100, temperature=0.8,
-                        repetition_penalty=1.2)
-        defaults.update(gen_kwargs)
-        if "max_new_tokens" in gen_kwargs and "max_length" not in gen_kwargs:
-            defaults["max_length"] = None  # else generation_config.json's max_length competes with it
-        if not defaults["do_sample"]:  # greedy/beam: sampling knobs would only trigger warnings
-            for key in ("top_p", "top_k", "temperature"):
-                if key not in gen_kwargs:
-                    defaults[key] = None
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(TokenRangeLogitsProcessor(tokenizer.vocab_size))
         processors.append(InvalidScoreLogitsProcessor(self.config.text_config.eos_token_id))
-        defaults["logits_processor"] = processors
-        defaults.setdefault("eos_token_id", self.config.text_config.eos_token_id)
-        defaults.setdefault("pad_token_id", tokenizer.pad_token_id)
-        return defaults
+        kwargs["logits_processor"] = processors
+        kwargs.setdefault("eos_token_id", self.config.text_config.eos_token_id)
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        return input_ids, pixel_values, kwargs
 
     @torch.no_grad()
     def chat(self, tokenizer, image, query: str, history=None, logits_processor=None, english=None, **gen_kwargs):
         """One chat turn. ``image``: a path, a PIL image, or None (text only).
 
-        Returns ``(response, history + [(query, response)])``. Generation defaults are THUDM's (sampling,
-        top_p 0.4, top_k 100, temperature 0.8, repetition_penalty 1.2, max_length 1024, min_length 100);
-        pass e.g. ``do_sample=False, max_new_tokens=64, min_length=0`` to override.
+        Returns ``(response, history + [(query, response)])``. Generation defaults are THUDM's
+        (``configuration_visualglm.CHAT_DEFAULTS``: sampling, top_p 0.4, top_k 100, temperature 0.8,
+        repetition_penalty 1.2, 1024 new tokens, min_length 100); any ``generate`` keyword overrides them, e.g.
+        ``do_sample=False, max_new_tokens=64, min_length=0``. ``max_length`` counts new tokens here; history
+        turns that do not fit the model's positions are left out of the prompt, oldest first, with a warning.
         """
         history = check_history(history)
-        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, english)
-        kwargs = self._chat_gen_kwargs(tokenizer, logits_processor, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, english,
+                                                            logits_processor, gen_kwargs)
         outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         response = process_response(tokenizer.decode(outputs[0, input_ids.shape[1] :].tolist(),
                                                      skip_special_tokens=True))
@@ -252,8 +242,8 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
                     **gen_kwargs):
         """Like ``chat`` but yields ``(partial_response, history)`` after every generated token."""
         history = check_history(history)
-        input_ids, pixel_values = self._chat_inputs(tokenizer, image, query, history, english)
-        kwargs = self._chat_gen_kwargs(tokenizer, logits_processor, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, english,
+                                                            logits_processor, gen_kwargs)
 
         def decode(tokens):
             return process_response(tokenizer.decode(tokens, skip_special_tokens=True))
