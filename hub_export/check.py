@@ -78,6 +78,29 @@ def demo_image() -> Path | None:
     return path if path.is_file() else None
 
 
+def device_problem(device: str, dtype: str = "float32") -> str | None:
+    """Why ``--device``/``--dtype`` cannot run here (one line), or None; checked before the child starts, so that
+    a machine without CUDA gets this line instead of the child's ``AssertionError`` traceback."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {device!r} is not a torch device ({str(e).splitlines()[0] if str(e) else 'invalid'})"
+    if dev.type == "cpu":
+        return None
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.xpu, torch.mps, ...
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        return (f"--device {device}: torch {torch.__version__} sees no {dev.type} device on this machine "
+                "(use --device cpu)")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if dev.index is not None and count is not None and dev.index >= count:
+        return f"--device {device}: this machine has {count} {dev.type} device(s), numbered from 0"
+    if dev.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        return f"--dtype bfloat16: {torch.cuda.get_device_name(dev)} does not support it (use --dtype float16)"
+    return None
+
+
 def check_folder(folder: str | Path, dtype: str = "float32", device: str = "cpu",
                  query: str = "Describe the image.", timeout: float | None = None) -> int:
     """Run the check; prints the child's output; returns its exit code (0 = the folder works)."""

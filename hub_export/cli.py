@@ -3,7 +3,8 @@
     visualglm-export check --folder DIR [--dtype float32] [--device cpu]
     visualglm-export push  --folder DIR --repo-id ORG/NAME [--private] [--revision R] [--commit-message M]
 
-Exit codes: 0 success, 1 the folder failed the check / the upload failed, 2 usage error.
+Exit codes: 0 success, 1 the folder failed the check / the upload failed, 2 usage error (including a
+``--device`` this machine does not have: one line, checked before the check starts).
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Check or upload a converted hub folder.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="load the folder with trust_remote_code in a fresh interpreter and chat once")
-    c.add_argument("--folder", required=True)
-    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--query", default="Describe the image.")
+    c.add_argument("--folder", required=True, help="the converted hub folder to check")
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"],
+                   help="dtype to load the weights in (default float32; auto: the folder's own)")
+    c.add_argument("--device", default="cpu", help="torch device to run on: cpu (default), cuda, cuda:1, ...")
+    c.add_argument("--query", default="Describe the image.",
+                   help="question asked about the bundled image (default: %(default)r)")
     u = sub.add_parser("push", help="upload the folder to the Hugging Face Hub (creates the repo if needed)")
-    u.add_argument("--folder", required=True)
-    u.add_argument("--repo-id", required=True, help="ORG/NAME")
-    u.add_argument("--private", action="store_true")
+    u.add_argument("--folder", required=True, help="the converted hub folder to upload (check it first)")
+    u.add_argument("--repo-id", required=True, help="target repository, ORG/NAME")
+    u.add_argument("--private", action="store_true", help="create the repository as private")
     u.add_argument("--revision", help="branch to commit to (created if needed)")
-    u.add_argument("--commit-message")
+    u.add_argument("--commit-message", help='commit message (default: "Upload FOLDER_NAME (visualglm-export)")')
     return p
 
 
@@ -35,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "check":
-        from .check import check_folder
+        from .check import check_folder, device_problem
 
+        problem = device_problem(args.device, args.dtype)
+        if problem:  # a usage error: one line, no traceback from the child
+            parser.exit(2, f"{PROG} check: error: {problem}\n")
         return check_folder(args.folder, dtype=args.dtype, device=args.device, query=args.query)
     from .push import PushError, push_folder
 

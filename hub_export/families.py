@@ -104,7 +104,7 @@ MINIGPT4 = Family(
     model=ClassRef("modeling_minigpt4", "MiniGPT4ForConditionalGeneration"),
     config=ClassRef("configuration_minigpt4", "MiniGPT4Config"),
     tokenizer=ClassRef("processing_minigpt4", "MiniGPT4Tokenizer"),
-    processor=None,
+    processor=ClassRef("processing_minigpt4", "MiniGPT4Processor"),
     image_processor=ClassRef("image_processing_visualglm", "VisualGLMImageProcessor"),
     tokenizer_hint="the Vicuna / Llama-2 `tokenizer.model`, i.e. the --llm folder's tokenizer",
     base_model="Vision-CAIR/MiniGPT-4",
@@ -118,6 +118,7 @@ MINIGPT4 = Family(
         "a transformers 5.x `trust_remote_code` re-implementation with the original weights converted to safetensors."
     ),
     image_processor_kwargs=lambda config: {"size": config.vision_config.image_size},
+    processor_kwargs=lambda config: {"num_image_tokens": config.num_image_tokens},
 )
 
 COGVLM = Family(

@@ -79,6 +79,11 @@ def write_tokenizer_and_processor(folder: Path, family: Family, tokenizer, confi
             processor.save_pretrained(str(scratch))
         else:
             tokenizer.save_pretrained(str(scratch))
+        if family.image_processor is not None:
+            # preprocessor_config.json too: transformers 4.57.x reads the image processor only from there (5.x
+            # nests it in processor_config.json and still reads the old file)
+            image_processor = family.image_processor.load()(**family.image_processor_kwargs(config))
+            image_processor.save_pretrained(str(scratch))
         for path in sorted(scratch.iterdir()):
             if path.is_file() and path.suffix != ".py":
                 shutil.copy2(path, folder / path.name)
@@ -104,6 +109,10 @@ def write_tokenizer_and_processor(folder: Path, family: Family, tokenizer, confi
                 image.setdefault("auto_map", {})["AutoImageProcessor"] = family.image_processor.auto_map_value
 
         _patch_json(proc_cfg, proc_update)
+    image_cfg = folder / "preprocessor_config.json"
+    if image_cfg.exists():
+        _patch_json(image_cfg, lambda data: data.setdefault("auto_map", {}).__setitem__(
+            "AutoImageProcessor", family.image_processor.auto_map_value))
     return written
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
 from modeling_visualglm.configuration_cogvlm import CogVLMConfig
 from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
@@ -497,6 +498,27 @@ def test_bad_configs_are_reported(sources, tok_dir, tmp_path, capsys):
     rc, _, err = convert_in_process("sat-cogvlm", src2, tmp_path / "out", capsys, tokenizer=tok_dir)
     assert rc == 1 and "no num_multi_query_heads" in err
     assert_nothing_left(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    from tiny_llama_tokenizer import make_tiny_llama_tokenizer
+
+    folder = tmp_path_factory.mktemp("vicuna_spm")
+    make_tiny_llama_tokenizer(folder)
+    return folder / "spm.model"
+
+
+@pytest.mark.parametrize("shape", TOKENIZER_SHAPES)
+def test_tokenizer_folder_shapes(shape, spm_model, sources, tmp_path, capsys):
+    """--tokenizer with a Vicuna folder as users have it (FastChat's: tokenizer.model + tokenizer_config.json
+    only; tokenizer.json only; both): the converted folder's tokenizer gives SentencePiece's ids, BOS first."""
+    from transformers import AutoTokenizer
+
+    tok_dir = write_tokenizer_shape(spm_model, tmp_path / "vicuna", shape)
+    rc, _, err = convert_in_process("hf-cogvlm", sources["hf-cogvlm"], tmp_path / "out", capsys, tokenizer=tok_dir)
+    assert rc == 0, err
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").encode(SHAPE_TEXT) == sentencepiece_ids(spm_model)
 
 
 def test_v1_hf_without_tokenizer_is_incomplete(sources, tmp_path, capsys):

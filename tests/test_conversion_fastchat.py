@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
 from conversion.cli import main as convert_main
 
@@ -258,6 +259,21 @@ def test_early_conversion_quirks_are_repaired(models, spm_dir, tmp_path, capsys)
     ours = load_folder(folder)
     assert not any("inv_freq" in k for k in ours)
     assert torch.equal(ours["model.norm.weight"], models["base_sd"]["model.norm.weight"] + models["delta_sd"]["model.norm.weight"])
+
+
+@pytest.mark.parametrize("shape", TOKENIZER_SHAPES)
+def test_delta_tokenizer_shapes(shape, models, spm_dir, tmp_path, capsys):
+    """The delta's tokenizer folder as users have it (lmsys deltas: tokenizer.model + tokenizer_config.json only;
+    tokenizer.json only; both): the converted folder's tokenizer gives SentencePiece's ids, BOS first."""
+    from transformers import AutoTokenizer
+
+    delta = shutil.copytree(models["delta", "st"], tmp_path / "delta", ignore=shutil.ignore_patterns("tokenizer*"))
+    write_tokenizer_shape(spm_dir / "tokenizer.model", delta, shape)
+    rc, out, err = convert(models["base", "st"], delta, tmp_path / "o", capsys)
+    assert rc == 0, err
+    assert f"tokenizer {delta}/" in out  # the delta's, ahead of the base's
+    tok = AutoTokenizer.from_pretrained(tmp_path / "o")
+    assert tok(SHAPE_TEXT).input_ids == sentencepiece_ids(spm_dir / "tokenizer.model")
 
 
 # --- bad input --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_llama_tokenizer import TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
 from conversion.cli import main as convert_main
 from conversion.ops import concat_mp_shards, replicated, rope_permute
@@ -410,6 +411,21 @@ def test_folder_contents_config_and_tokenizer(converted, spm_file, capsys, check
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
 
 
+@pytest.mark.parametrize("shape", TOKENIZER_SHAPES)
+def test_tokenizer_folder_shapes(shape, checkpoints, spm_file, tmp_path, capsys):
+    """--tokenizer with a Llama tokenizer folder as users have them (slow files only, tokenizer.json only, both):
+    SentencePiece's ids, BOS first, from each; tokenizer.model is copied where there is one."""
+    from transformers import AutoTokenizer
+
+    tok_dir = write_tokenizer_shape(spm_file, tmp_path / "tok", shape)
+    rc, _, err = convert(checkpoints["llama2"][1], tmp_path / "o", capsys, "--tokenizer", str(tok_dir))
+    assert rc == 0, err
+    tok = AutoTokenizer.from_pretrained(tmp_path / "o")
+    for text in TEXTS:
+        assert tok(text).input_ids == sentencepiece_ids(spm_file, text), text
+    assert (tmp_path / "o" / "tokenizer.model").exists() == (shape != "json")
+
+
 def test_several_output_shards_with_an_index(checkpoints, tmp_path, capsys):
     rc, _, _ = convert(checkpoints["llama2"][2], tmp_path / "o", capsys, "--max-shard-size", "40KB")
     assert rc == 0
@@ -480,6 +496,10 @@ def test_wrong_tokenizers(checkpoints, tmp_path, capsys):
                                    pad_id=-1, minloglevel=2)
     rc, _, err = convert(src, tmp_path / "o", capsys, "--tokenizer", str(tmp_path / "big.model"))
     _assert_failed(rc, err, tmp_path / "o", "has 450 pieces but tok_embeddings only 400 rows")
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "tokenizer_config.json").write_text("{}")
+    rc, _, err = convert(src, tmp_path / "o", capsys, "--tokenizer", str(tmp_path / "config-only"))
+    _assert_failed(rc, err, tmp_path / "o", "no tokenizer.model or tokenizer.json there (it has tokenizer_config.json)")
 
 
 def test_no_tokenizer_still_writes_weights(checkpoints, tmp_path, capsys):

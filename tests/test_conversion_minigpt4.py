@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
 from conversion.cli import main as convert_main
 
@@ -65,7 +69,8 @@ def llama_folder(path, tokenizer, seed=0, hidden=TXT_H, vocab=VOCAB):
         for p in model.parameters():
             p.normal_(0, 0.2)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     return model
 
 
@@ -144,6 +149,52 @@ def test_llama2_fresh_ln_vision_and_inferred_variant(tmp_path, capsys):
 
     model = MiniGPT4ForConditionalGeneration.from_pretrained(out)
     assert model.config.variant == "llama2" and model.config.num_image_tokens == 4
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    from tiny_llama_tokenizer import make_tiny_llama_tokenizer
+
+    folder = tmp_path_factory.mktemp("llm_spm")
+    make_tiny_llama_tokenizer(folder)
+    return folder / "spm.model"
+
+
+@pytest.mark.parametrize("shape", TOKENIZER_SHAPES)
+def test_llm_folder_tokenizer_shapes(shape, spm_model, tmp_path, capsys):
+    """--llm folders as users have them (FastChat's: tokenizer.model + tokenizer_config.json only; tokenizer.json
+    only; both) give the same tokenizer: SentencePiece's ids, BOS first, the image id past the pieces."""
+    from transformers import AutoTokenizer
+
+    files = make_sources(tmp_path, "llama2", None)
+    write_tokenizer_shape(spm_model, files["llm"], shape)
+    assert run(files, tmp_path / "out") == 0, capsys.readouterr()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert tok.encode(SHAPE_TEXT) == sentencepiece_ids(spm_model)
+    assert tok.image_token_id == VOCAB
+
+
+def test_unloadable_tokenizer_folder_says_what_it_needs(spm_model, tmp_path, capsys):
+    """Without protobuf (hidden here) transformers cannot read a folder with only tokenizer.model and says
+    "tiktoken is required"; the converter names the files it found and the missing package instead."""
+    files = make_sources(tmp_path, "llama2", None)
+    write_tokenizer_shape(spm_model, files["llm"], "slow")
+    argv = ["--format", "minigpt4", "--out", str(tmp_path / "out"), "--no-progress"]
+    argv += [a for k, v in files.items() for a in (f"--{k}", str(v))]
+    code = ("import sys; sys.modules['google.protobuf'] = None; from conversion.cli import main; "
+            f"sys.exit(main({argv!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr
+    assert f"cannot load the tokenizer in {files['llm']}: it has tokenizer.model, tokenizer_config.json but no " \
+           "tokenizer.json" in err and "pip install protobuf" in err, err
+    assert "Traceback" not in err and "tiktoken" not in err.split("conversion failed")[-1]
+    assert not (tmp_path / "out").exists()
+    # a folder with no tokenizer at all
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (files["llm"] / name).unlink()
+    assert run(files, tmp_path / "out") == 1
+    assert f"{files['llm']} holds no tokenizer (it has no tokenizer files" in capsys.readouterr().err
 
 
 def test_7b_13b_mixup_and_unfit_projector(tmp_path, capsys):

@@ -72,6 +72,45 @@ def test_check_fails_when_the_folder_is_broken(folder, tmp_path, capsys):
     assert check_folder(bad_json) == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_check_on_a_device_this_machine_lacks_is_a_one_line_usage_error(folder):
+    cmd = [sys.executable, "-m", "hub_export.cli", "check", "--folder", str(folder), "--device", "cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.splitlines() == ["visualglm-export check: error: --device cuda: torch "
+                                        f"{torch.__version__} sees no cuda device on this machine (use --device cpu)"]
+
+
+@pytest.mark.parametrize("device, needle", [("gpu", "--device 'gpu' is not a torch device (Expected one of cpu"),
+                                            ("cuda:x", "--device 'cuda:x' is not a torch device"),
+                                            ("cuda:99", "--device cuda:99: ")])
+def test_check_refuses_bad_devices_before_starting(device, needle, folder, capsys):
+    from hub_export.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--folder", str(folder), "--device", device])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_every_cli_option_has_help():
+    import argparse
+
+    from conversion.cli import build_parser as convert_parser
+    from hub_export.cli import build_parser as export_parser
+
+    parsers = {"visualglm-convert": convert_parser(), "visualglm-export": export_parser()}
+    for action in parsers["visualglm-export"]._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            assert {a.dest for a in action._choices_actions if a.help} == {"check", "push"}
+            parsers.update({f"visualglm-export {name}": sub for name, sub in action.choices.items()})
+    missing = [f"{prog} {action.option_strings[-1]}" for prog, parser in parsers.items()
+               for action in parser._actions if action.option_strings and not (action.help or "").strip()]
+    assert not missing, f"options without help: {missing}"
+    assert set(parsers) == {"visualglm-convert", "visualglm-export", "visualglm-export check",
+                            "visualglm-export push"}
+
+
 def test_check_cannot_import_our_packages(tmp_path):
     """The check's interpreter really cannot see modeling_visualglm/conversion/hub_export."""
     from hub_export.check import blocker_source

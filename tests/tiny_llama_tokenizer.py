@@ -44,3 +44,56 @@ def make_tiny_llama_tokenizer(path) -> "LlamaTokenizer":  # noqa: F821
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+# --- Llama tokenizer folders in the shapes users have ---------------------------------------------------------
+
+TOKENIZER_SHAPES = ("slow", "json", "both")
+SHAPE_TEXT = "Question: what is this? Answer: a red box. ünï"  # byte fallback at the end
+
+
+def _added(content):
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+            "single_word": False}
+
+
+# lmsys/vicuna-7b-v1.5's tokenizer_config.json, as FastChat (transformers 4.3x) saved it next to tokenizer.model
+VICUNA_TOKENIZER_CONFIG = {
+    "add_bos_token": True, "add_eos_token": False, "bos_token": _added("<s>"), "clean_up_tokenization_spaces": False,
+    "eos_token": _added("</s>"), "legacy": False, "model_max_length": 4096, "pad_token": None,
+    "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": _added("<unk>"),
+}
+
+
+def write_tokenizer_shape(spm_model, folder, shape: str):
+    """A Llama tokenizer folder made from ``spm_model``, in one of the shapes users have:
+
+    - ``slow``: ``tokenizer.model`` + ``tokenizer_config.json`` only (FastChat-made Vicuna folders, lmsys deltas);
+    - ``json``: ``tokenizer.json`` + ``tokenizer_config.json`` (what transformers 5's ``save_pretrained`` writes);
+    - ``both``: the three (hub Llama repos).
+
+    The ``tokenizer.json`` is what transformers makes of the slow files (its SentencePiece extractor: protobuf).
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from transformers import LlamaTokenizer
+
+    if shape not in TOKENIZER_SHAPES:
+        raise ValueError(f"shape {shape!r} is not one of {TOKENIZER_SHAPES}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(spm_model, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(VICUNA_TOKENIZER_CONFIG, indent=2))
+    if shape != "slow":
+        LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+    if shape == "json":
+        (folder / "tokenizer.model").unlink()
+    return folder
+
+
+def sentencepiece_ids(spm_model, text: str = SHAPE_TEXT) -> list[int]:
+    """SentencePiece's own ids of ``text`` after LLaMA's BOS: what a tokenizer of any shape must produce."""
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    return [sp.bos_id(), *sp.encode(text)]

@@ -26,9 +26,9 @@ from ..errors import ConversionError
 from ..rules import drop, rename
 from ..sources import hf_folder_source, torch_file_source
 from .base import Format, Loaded, existing_dir
+from .llama import load_tokenizer_folder, tokenizer_files
 
 ROPE_THETA = {"cogvlm": 10000.0, "cogvlm2": 500000.0}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 # --- rule tables ------------------------------------------------------------------------------------------
@@ -238,18 +238,11 @@ def load_tokenizer(explicit: str | None, fallback: Path | None):
     if explicit is not None:
         path = Path(explicit)
         folder = path.parent if path.is_file() else path
-        if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
-            raise ConversionError(f"--tokenizer {explicit}: no tokenizer there (expected one of {TOKENIZER_FILES})")
-    elif fallback is not None and any((fallback / f).is_file() for f in TOKENIZER_FILES):
+    elif fallback is not None and tokenizer_files(fallback):
         folder = fallback
     else:
         return None
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (ValueError, OSError, RuntimeError, TypeError) as e:
-        raise ConversionError(f"{folder}: cannot load a tokenizer: {e}") from None
+    tokenizer = load_tokenizer_folder(folder)
     if tokenizer.bos_token_id is None:
         raise ConversionError(f"{folder}: the tokenizer has no bos token; CogVLM prompts start with one")
     return tokenizer

@@ -34,7 +34,7 @@ from ..errors import ConversionError
 from ..rules import convert, drop
 from ..sources import PrefixedSource, hf_folder_source
 from .base import Format, Loaded, existing_dir
-from .llama import SPECIAL_PIECES, find_spm, llama_tokenizer, read_json
+from .llama import SPECIAL_PIECES, find_llama_tokenizer, read_json
 
 # architecture fields a delta must share with its base
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
@@ -187,19 +187,20 @@ class FastChatDelta(Format):
             if rows["delta"] > rows["base"]:
                 notes.append(f"vocabulary: base {rows['base']} rows zero-padded to the delta's {rows['delta']} "
                              "before the add (Vicuna v0, FastChat v0.1.10)")
-            spm_path = find_spm(args.tokenizer, [delta_dir, base_dir])
+            found = find_llama_tokenizer(args.tokenizer, [delta_dir, base_dir], notes)
             tokenizer = None
-            if spm_path is not None:
-                repair_notes(spm_path.parent, notes)
-                tokenizer = llama_tokenizer(spm_path, notes)
+            if found is not None:
+                tok_path, tokenizer = found
+                repair_notes(tok_path.parent, notes)
                 pieces = len(tokenizer.tokenizer)
                 if pieces > rows["delta"]:
-                    raise ConversionError(f"{spm_path} has {pieces} pieces but the model only {rows['delta']} rows "
+                    raise ConversionError(f"{tok_path} has {pieces} pieces but the model only {rows['delta']} rows "
                                           "(wrong tokenizer?)")
-                notes.append(f"tokenizer {spm_path} ({pieces} pieces; special ids "
+                notes.append(f"tokenizer {tok_path} ({pieces} pieces; special ids "
                              + ", ".join(f"{p}={i}" for i, p in SPECIAL_PIECES.items()) + ")")
             else:
-                notes.append(f"no tokenizer.model in {delta_dir} or {base_dir}: the folder has no tokenizer")
+                notes.append(f"no tokenizer.model or tokenizer.json in {delta_dir} or {base_dir}: the folder has no "
+                             "tokenizer")
             config = vicuna_config(base_cfg, vocab_size=rows["delta"], where=f"{base_dir}/config.json", notes=notes)
             dtype = None if args.dtype in (None, "keep") else args.dtype
             notes.append(f"sum computed in {dtype or 'the delta dtype'}"

@@ -35,6 +35,9 @@ from ..sources import PrefixedSource, torch_file_source
 from .base import Format, Loaded, existing_dir
 
 SPM_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+# what a tokenizer folder may hold (listed in messages about one)
+TOKENIZER_FILES = (SPM_FILE, TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 # the ids every LLaMA-1/2 SentencePiece model (and so Vicuna's) assigns its special pieces
 SPECIAL_PIECES = {0: "<unk>", 1: "<s>", 2: "</s>"}
@@ -206,7 +209,8 @@ def spm_settings(sp) -> dict:
 
     Read from the serialized ModelProto (trainer_spec = field 2: model_type 3, byte_fallback 35;
     normalizer_spec = field 3: name 1, add_dummy_prefix 3, remove_extra_whitespaces 4) with their proto
-    defaults, because transformers' own reader needs the protobuf package, which we do not depend on.
+    defaults: transformers' own reader needs the protobuf package, and the LLaMA formats work without it
+    (``pip install --no-deps`` setups, broken protobuf installs).
     """
     out = {"model_type": 1, "byte_fallback": False, "normalizer": "nmt_nfkc", "add_dummy_prefix": True,
            "remove_extra_whitespaces": True}
@@ -228,19 +232,79 @@ def spm_settings(sp) -> dict:
     return out
 
 
-def find_spm(explicit: str | None, fallback_dirs: list[Path]) -> Path | None:
-    """``--tokenizer`` (``tokenizer.model`` or a folder holding it), else the first fallback folder with one."""
+def tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files in ``folder``, for messages."""
+    return [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+
+
+def load_tokenizer_folder(folder: Path, cls=None, **kwargs):
+    """``cls.from_pretrained(folder)`` (default ``AutoTokenizer``); a failure says which files it found and what
+    it needs.
+
+    transformers 5 loads ``tokenizer.json``; a folder with only ``tokenizer.model`` + ``tokenizer_config.json``
+    (FastChat's Vicuna folders, lmsys' deltas) goes through its SentencePiece extractor, which needs protobuf:
+    without it transformers falls back to tiktoken and fails with "tiktoken is required".
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import is_protobuf_available
+
+    if not folder.is_dir():
+        raise ConversionError(f"tokenizer folder {folder} not found")
+    found = tokenizer_files(folder)
+    has = ", ".join(found) or "no tokenizer files"
+    if SPM_FILE not in found and TOKENIZER_JSON not in found:
+        raise ConversionError(f"{folder} holds no tokenizer (it has {has}; a tokenizer folder needs "
+                              f"{TOKENIZER_JSON}, or {SPM_FILE} + tokenizer_config.json)")
+    try:
+        return (cls or AutoTokenizer).from_pretrained(str(folder), **kwargs)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, OSError, ImportError, RecursionError...
+        if TOKENIZER_JSON not in found and not is_protobuf_available():
+            raise ConversionError(
+                f"cannot load the tokenizer in {folder}: it has {has} but no {TOKENIZER_JSON}, and transformers reads "
+                f"{SPM_FILE} only with the protobuf package, which is missing (a dependency of modeling_visualglm: "
+                "pip install protobuf)") from None
+        raise ConversionError(f"cannot load the tokenizer in {folder} (it has {has}): {type(e).__name__}: "
+                              f"{str(e).strip()[:300]}") from None
+
+
+def find_llama_tokenizer(explicit: str | None, fallback_dirs: list[Path],
+                         notes: list[str]) -> tuple[Path, TokenizerFiles] | None:
+    """(the file read, the tokenizer) from ``--tokenizer`` (a ``tokenizer.model`` or a tokenizer folder), else from
+    the first fallback folder that holds a tokenizer; None when there is none.
+
+    A ``tokenizer.model`` wins over a ``tokenizer.json`` beside it and is read by :func:`llama_tokenizer` (no
+    protobuf); a folder with only ``tokenizer.json`` loads as transformers' ``LlamaTokenizer``.
+    """
     if explicit is not None:
         path = Path(explicit)
-        if path.is_dir():
-            path = path / SPM_FILE
-        if not path.is_file():
-            raise ConversionError(f"--tokenizer {explicit}: no {SPM_FILE} there")
-        return path
+        if path.is_file() and path.suffix != ".json":
+            return path, llama_tokenizer(path, notes)
+        folder = path.parent if path.is_file() else path
+        if not ((folder / SPM_FILE).is_file() or (folder / TOKENIZER_JSON).is_file()):
+            found = tokenizer_files(folder) if folder.is_dir() else []
+            raise ConversionError(f"--tokenizer {explicit}: no {SPM_FILE} or {TOKENIZER_JSON} there"
+                                  + (f" (it has {', '.join(found)})" if found else ""))
+        fallback_dirs = [folder]
     for d in fallback_dirs:
         if (d / SPM_FILE).is_file():
-            return d / SPM_FILE
+            return d / SPM_FILE, llama_tokenizer(d / SPM_FILE, notes)
+        if (d / TOKENIZER_JSON).is_file():
+            return d / TOKENIZER_JSON, json_llama_tokenizer(d)
     return None
+
+
+def json_llama_tokenizer(folder: Path) -> TokenizerFiles:
+    """transformers' ``LlamaTokenizer`` from a folder's ``tokenizer.json``, with LLaMA's special pieces and BOS
+    (also where the folder's config blanked them, FastChat#408), checked at LLaMA's ids."""
+    from transformers import LlamaTokenizer
+
+    tokenizer = load_tokenizer_folder(folder, LlamaTokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                      add_bos_token=True, add_eos_token=False)
+    problems = [f"{folder}/{TOKENIZER_JSON}: token {i} is {tokenizer.convert_ids_to_tokens(i)!r}, LLaMA's is {piece!r}"
+                for i, piece in SPECIAL_PIECES.items() if tokenizer.convert_ids_to_tokens(i) != piece]
+    if problems:
+        raise ConversionError(problems, header=f"{folder}/{TOKENIZER_JSON} is not a LLaMA tokenizer")
+    return TokenizerFiles(tokenizer)
 
 
 def llama_tokenizer(spm_path: Path, notes: list[str]) -> TokenizerFiles:
@@ -336,15 +400,16 @@ class LlamaOriginal(Format):
         notes = [f"Meta checkpoint {src}: {len(files)} model-parallel file(s) {', '.join(p.name for p in files)}"]
         try:
             embed_dim, vocab = self._embedding_split(source, parts, params, src)
-            spm_path = find_spm(args.tokenizer, [src, src.parent])
+            found = find_llama_tokenizer(args.tokenizer, [src, src.parent], notes)
             tokenizer = None
-            if spm_path is not None:
-                tokenizer = llama_tokenizer(spm_path, notes)
+            if found is not None:
+                tok_path, tokenizer = found
                 pieces = len(tokenizer.tokenizer)
                 if pieces > vocab:
-                    raise ConversionError(f"{spm_path} has {pieces} pieces but tok_embeddings only {vocab} rows "
+                    raise ConversionError(f"{tok_path} has {pieces} pieces but tok_embeddings only {vocab} rows "
                                           "(wrong tokenizer?)")
-                notes.append(f"tokenizer {spm_path} ({pieces} pieces) → tokenizer.json + {SPM_FILE}")
+                notes.append(f"tokenizer {tok_path} ({pieces} pieces) → {TOKENIZER_JSON}"
+                             + (f" + {SPM_FILE}" if tokenizer.copy else ""))
             else:
                 notes.append(f"no {SPM_FILE} in {src} or {src.parent}: the folder has no tokenizer (pass --tokenizer)")
             config, config_notes = llama_config_from_params(params, vocab_size=vocab, bos_token_id=1,

@@ -31,7 +31,7 @@ from ..ops import register
 from ..rules import convert, drop, rename
 from ..sources import PrefixedSource, StateDictSource, hf_folder_source, load_torch_file
 from .base import Format, Loaded, existing_dir
-from .llama import read_json
+from .llama import load_tokenizer_folder, read_json
 
 VIT_HEAD_DIM = 88  # EVA ViT-g: 1408 / 16 heads
 BERT_HEAD_DIM = 64  # bert-base-uncased: 768 / 12 heads
@@ -261,10 +261,8 @@ class MiniGPT4Format(Format):
             raise UsageError("--variant vicuna0 needs --blip2 (the Q-Former and ln_vision)")
 
         # tokenizer and the placeholder row
-        try:
-            tokenizer = MiniGPT4Tokenizer.from_pretrained(str(args.tokenizer or llm_dir))
-        except Exception as e:  # noqa: BLE001 - any failure means no usable tokenizer
-            raise ConversionError(f"cannot load a Llama tokenizer from {args.tokenizer or llm_dir}: {e}") from None
+        tok_dir = Path(args.tokenizer) if args.tokenizer else llm_dir
+        tokenizer = load_tokenizer_folder(tok_dir.parent if tok_dir.is_file() else tok_dir, MiniGPT4Tokenizer)
         image_token_id = len(tokenizer)
         tokenizer.image_token_id = image_token_id
         tokenizer.init_kwargs["image_token_id"] = image_token_id

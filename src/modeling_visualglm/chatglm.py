@@ -37,10 +37,9 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq
-from .compat import cache_kwargs, cache_update_kwargs, init, kv_length, pick_cache
+from .compat import ALL_ATTENTION_FUNCTIONS, cache_kwargs, cache_update_kwargs, init, kv_length, pick_cache
 from .configuration_blocks import ChatGLMConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,7 +224,7 @@ class ChatGLMAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
-        cache_kwargs: Optional[dict] = None,
+        cache_update: Optional[dict] = None,
         **kwargs,
     ):
         input_shape = hidden_states.shape[:-1]
@@ -247,7 +246,7 @@ class ChatGLMAttention(nn.Module):
         )
 
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, **(cache_kwargs or {}))
+            key, value = cache.update(key, value, self.layer_idx, **(cache_update or {}))  # see compat.py
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -414,7 +413,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 mask = chatglm_prefix_lm_mask(position_ids, attention_mask, past_length, kv_len)
 
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
-        update_kwargs = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
+        cache_update = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
@@ -425,7 +424,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 position_embeddings=position_embeddings,
                 attention_mask=mask,
                 cache=cache,
-                **update_kwargs,
+                cache_update=cache_update,
                 **kwargs,
             )
         hidden_states = self.final_layernorm(hidden_states)

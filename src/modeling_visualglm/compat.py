@@ -16,6 +16,24 @@ import torch
 from transformers import masking_utils
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _ALL_ATTENTION_FUNCTIONS
+
+# --- attention dispatch ----------------------------------------------------------------------------------------
+class _AttentionFunctions:
+    """transformers 4.57.x's registry has no ``get_interface``: the same lookup, eager for "eager"."""
+
+    def get_interface(self, attn_implementation, default):
+        if attn_implementation in (None, "eager"):
+            return default
+        return _ALL_ATTENTION_FUNCTIONS[attn_implementation]
+
+
+# The blocks call `ALL_ATTENTION_FUNCTIONS.get_interface(...)` literally: transformers 5.x lets
+# `set_attn_implementation` switch a model only when its source contains that call.
+ALL_ATTENTION_FUNCTIONS = (
+    _ALL_ATTENTION_FUNCTIONS if hasattr(_ALL_ATTENTION_FUNCTIONS, "get_interface") else _AttentionFunctions()
+)
+
 
 # --- the cache's name ------------------------------------------------------------------------------------------
 # transformers 5.24 renamed `past_key_values` to `cache` everywhere: forward arguments, model outputs, the masking
@@ -131,7 +149,10 @@ def bidirectional_mask(config, inputs_embeds: torch.Tensor, attention_mask: torc
 # --- weight init -----------------------------------------------------------------------------------------------
 try:  # transformers 5.x: init helpers that respect already-loaded weights
     from transformers import initialization as init
+
+    TRANSFORMERS_4 = False
 except ImportError:  # transformers 4.57.x: plain in-place copies (its loading never re-initializes loaded weights)
+    TRANSFORMERS_4 = True
 
     class init:  # noqa: N801 - stands in for the module
         @staticmethod
@@ -158,3 +179,38 @@ except ImportError:  # transformers 4.57.x: plain in-place copies (its loading n
         @torch.no_grad()
         def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
             return torch.nn.init.trunc_normal_(tensor, mean=mean, std=std)
+
+
+# --- sub-model flags -------------------------------------------------------------------------------------------
+def keep_in_fp32(patterns: list[str]) -> list[str] | None:
+    """A sub-model's ``_keep_in_fp32_modules``. 5.x takes regexes and gathers the sub-models' lists into the
+    composite model; 4.57.x takes bare module names of the model that is loaded and rejects the regexes, so there
+    the list is dropped (on 4.57 an fp16 load keeps the Q-Former in fp16 too)."""
+    return None if TRANSFORMERS_4 else patterns
+
+
+# --- processors and tokenizers ---------------------------------------------------------------------------------
+def legacy_processor_attributes(cls):
+    """Class decorator for an (image processor, tokenizer) ``ProcessorMixin``: transformers 4.57.x finds the parts
+    through class attributes; 5.x reads ``__init__``'s parameters and warns that those attributes are deprecated."""
+    if TRANSFORMERS_4:
+        cls.attributes = ["image_processor", "tokenizer"]
+        cls.image_processor_class = "AutoImageProcessor"
+        cls.tokenizer_class = "AutoTokenizer"
+    return cls
+
+
+def set_extra_special_tokens(tokenizer, **tokens) -> None:
+    """Named special tokens beyond bos/eos/unk/sep/pad/cls/mask (``gmask_token``, ``image_token``, ...): 5.x keeps
+    any ``*_token`` given to ``__init__`` as an attribute; transformers 4.57.x keeps only its fixed names."""
+    if TRANSFORMERS_4:
+        for name, value in tokens.items():
+            setattr(tokenizer, name, value)
+
+
+def llama_tokenizer_class():
+    """The tokenizers-backed Llama tokenizer: ``LlamaTokenizer`` in 5.x; in transformers 4.57.x that name is the slow
+    SentencePiece class, which cannot load a ``tokenizer.json``-only folder, and the fast one is ``LlamaTokenizerFast``."""
+    import transformers
+
+    return transformers.LlamaTokenizerFast if TRANSFORMERS_4 else transformers.LlamaTokenizer

@@ -165,8 +165,9 @@ class ChatGLMConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.mask_token_id = mask_token_id
         self.gmask_token_id = gmask_token_id
-        self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        # passed to the base class: transformers 4.57.x's sets it (default True) and would override an earlier value
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -231,8 +232,9 @@ class LlamaExpertConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
-        self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        # passed to the base class: transformers 4.57.x's sets it (default True) and would override an earlier value
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "

@@ -88,10 +88,10 @@ class CogVLMConfig(PretrainedConfig):
         self.adapter_layer_norm_eps = adapter_layer_norm_eps
         self.template_version = template_version
         self.initializer_range = initializer_range
-        self.tie_word_embeddings = tie_word_embeddings
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(key, getattr(text_config, key))
-        super().__init__(**kwargs)
+        # passed to the base class: transformers 4.57.x's sets it (default True) and would override an earlier value
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def downsample(self) -> int:

@@ -80,12 +80,12 @@ class MiniGPT4Config(PretrainedConfig):
             raise ValueError("MiniGPT-4's language model is a plain LLaMA: text_config.use_visual_experts must be False")
         self.text_config = text
         self.image_token_id = image_token_id
-        self.tie_word_embeddings = tie_word_embeddings
         self.text_config.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(key, getattr(self.text_config, key))
-        super().__init__(**kwargs)
+        # passed to the base class: transformers 4.57.x's sets it (default True) and would override an earlier value
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def num_image_tokens(self) -> int:

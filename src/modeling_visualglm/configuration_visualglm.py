@@ -44,12 +44,12 @@ class VisualGLMConfig(PretrainedConfig):
         # the Q-Former cross-attends to the tower's output
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         self.image_token_id = image_token_id
-        self.tie_word_embeddings = tie_word_embeddings
         self.text_config.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(key, getattr(self.text_config, key))
-        super().__init__(**kwargs)
+        # passed to the base class: transformers 4.57.x's sets it (default True) and would override an earlier value
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def num_image_tokens(self) -> int:

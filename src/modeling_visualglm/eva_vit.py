@@ -35,10 +35,9 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import eager_attention_forward
-from .compat import init
+from .compat import ALL_ATTENTION_FUNCTIONS, init
 from .configuration_blocks import EvaVisionConfig
 
 

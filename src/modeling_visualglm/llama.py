@@ -42,10 +42,9 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq
-from .compat import cache_kwargs, cache_update_kwargs, causal_mask, init, pick_cache
+from .compat import ALL_ATTENTION_FUNCTIONS, cache_kwargs, cache_update_kwargs, causal_mask, init, pick_cache
 from .configuration_blocks import LlamaExpertConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ class LlamaExpertAttention(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
         routing: Optional[ExpertRouting] = None,
-        cache_kwargs: Optional[dict] = None,
+        cache_update: Optional[dict] = None,
         **kwargs,
     ):
         input_shape = hidden_states.shape[:-1]
@@ -238,7 +237,7 @@ class LlamaExpertAttention(nn.Module):
         key = apply_rotary(key, cos, sin)
 
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, **(cache_kwargs or {}))
+            key, value = cache.update(key, value, self.layer_idx, **(cache_update or {}))  # see compat.py
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -400,7 +399,7 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         # is_causal" shortcut reads the mask on the host at every step; the mask is materialized instead
         # (generate drops all-ones masks, so unpadded batches still get SDPA's is_causal path).
         mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, allow_is_causal_skip=attention_mask is None)
-        update_kwargs = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
+        cache_update = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
 
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
         hidden_states = inputs_embeds
@@ -414,7 +413,7 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
                 attention_mask=mask,
                 cache=cache,
                 routing=routing,
-                **update_kwargs,
+                cache_update=cache_update,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)

@@ -38,7 +38,12 @@ from transformers import GenerationMixin
 from .chat_utils import check_history, prepare_chat, stream_generate
 from .compat import cache_kwargs, generation_cache, init, output_cache, pick_cache
 from .configuration_cogvlm import CHAT_DEFAULTS, CogVLMConfig
-from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalPreTrainedModel, placeholder_count_error
+from .multimodal import (
+    MultimodalCausalLMOutputWithPast,
+    MultimodalPreTrainedModel,
+    drop_images_after_prefill,
+    placeholder_count_error,
+)
 from .eva_vit import EvaVisionModel
 from .image_processing_cogvlm import CogVLMImageProcessor
 from .llama import LlamaExpertModel, expert_routing
@@ -48,6 +53,11 @@ from .processing_cogvlm import (
     build_cogvlm_prompt,
     process_response,
 )
+# transformers 4.57.x copies out of a local folder only the files that the loaded file itself imports (5.x follows
+# imports recursively): these lines name the rest of the import closure (delete with the 4.57 floor)
+from .attention import eager_attention_forward  # noqa: F401
+from .configuration_blocks import LlamaExpertConfig  # noqa: F401
+from .image_processing_visualglm import VisualGLMImageProcessor  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------
 # Token types, expert mask and positions from the placeholders (tensor ops only, no host sync)
@@ -325,10 +335,10 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         ids = model_inputs.get("input_ids")
         if token_type_ids is not None and ids is not None and model_inputs.get("pixel_values") is not None:
             model_inputs["token_type_ids"] = token_type_ids[:, -ids.shape[1] :]
-        return model_inputs
+        return drop_images_after_prefill(model_inputs, input_ids)
 
     # --- chat -------------------------------------------------------------------------------------
-    def _chat_inputs(self, tokenizer, image, query, history, template, gen_kwargs):
+    def _chat_inputs(self, tokenizer, image, query, history, gen_kwargs, logits_processor=None, template=None):
         """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
         template = template or self.config.template_version
 
@@ -345,6 +355,8 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
             processor = CogVLMImageProcessor(size=self.config.vision_config.image_size)
             pixel_values = processor(image, return_tensors="pt")["pixel_values"]
             pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.dtype)
+        if logits_processor is not None:
+            kwargs["logits_processor"] = logits_processor
         kwargs.setdefault("eos_token_id", self.config.text_config.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.text_config.pad_token_id
         kwargs.setdefault("pad_token_id", pad)
@@ -358,7 +370,8 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         ``generate`` kwarg overrides them. ``max_length`` counts new tokens here; history turns that do not fit
         the model's positions are left out of the prompt, oldest first, with a warning."""
         history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, template, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
+                                                            template=template)
         outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         new_tokens = outputs[0, input_ids.shape[1] :].tolist()
         response = process_response(tokenizer.decode(new_tokens, skip_special_tokens=True))
@@ -368,7 +381,8 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
     def stream_chat(self, tokenizer, image, query: str, history=None, template: Optional[str] = None, **gen_kwargs):
         """Like ``chat`` but yields ``(partial_response, history + [(query, partial_response)])`` per new token."""
         history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, template, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
+                                                            template=template)
 
         def decode(tokens):
             return process_response(tokenizer.decode(tokens, skip_special_tokens=True))

@@ -36,9 +36,18 @@ from .configuration_minigpt4 import CHAT_DEFAULTS, MERGE_TOKENS, MiniGPT4Config
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
 from .llama import LlamaExpertModel
-from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalPreTrainedModel, check_image_count
+from .multimodal import (
+    MultimodalCausalLMOutputWithPast,
+    MultimodalPreTrainedModel,
+    check_image_count,
+    drop_images_after_prefill,
+)
 from .processing_minigpt4 import STOP_STRINGS, build_minigpt4_inputs, process_response
 from .qformer import QFormerModel
+# transformers 4.57.x copies out of a local folder only the files that the loaded file itself imports (5.x follows
+# imports recursively): these lines name the rest of the import closure (delete with the 4.57 floor)
+from .attention import eager_attention_forward  # noqa: F401
+from .configuration_blocks import LlamaExpertConfig  # noqa: F401
 
 
 MiniGPT4CausalLMOutputWithPast = MultimodalCausalLMOutputWithPast
@@ -158,15 +167,13 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         # the cache travels in kwargs under the running release's name (see compat.py)
         model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         step_ids = model_inputs.get("input_ids")
-        if step_ids is not None and step_ids.shape[1] != input_ids.shape[1]:
-            model_inputs["pixel_values"] = None  # decode steps never re-encode the image
-        elif step_ids is not None and model_inputs.get("pixel_values") is None:
+        if step_ids is not None and step_ids.shape[1] == input_ids.shape[1] and model_inputs.get("pixel_values") is None:
             # a prefill without images (shapes only decide it: no host sync per decode step)
             self._check_image_count(input_ids == self.config.image_token_id, 0)
-        return model_inputs
+        return drop_images_after_prefill(model_inputs, input_ids)
 
     # --- chat -------------------------------------------------------------------------------------
-    def _chat_inputs(self, tokenizer, image, query, history, logits_processor, gen_kwargs):
+    def _chat_inputs(self, tokenizer, image, query, history, gen_kwargs, logits_processor=None):
         """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
 
         def build(turns):
@@ -210,8 +217,8 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         fit the model's positions are left out of the prompt, oldest first, with a warning.
         """
         history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, logits_processor,
-                                                            gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
+                                                            logits_processor)
         outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         response = self._decode(tokenizer, outputs[0, input_ids.shape[1]:].tolist())
         return response, history + [(query, response)]
@@ -220,8 +227,8 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
     def stream_chat(self, tokenizer, image, query: str, history=None, logits_processor=None, **gen_kwargs):
         """Like ``chat`` but yields ``(partial_response, history)`` after every generated token."""
         history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, logits_processor,
-                                                            gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
+                                                            logits_processor)
         for response in stream_generate(self, lambda t: self._decode(tokenizer, t), input_ids=input_ids,
                                         pixel_values=pixel_values, **kwargs):
             yield response, history + [(query, response)]

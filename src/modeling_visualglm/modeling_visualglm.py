@@ -36,9 +36,18 @@ from .compat import cache_kwargs, kv_length, output_cache, pick_cache
 from .configuration_visualglm import CHAT_DEFAULTS, VisualGLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
-from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalPreTrainedModel, check_image_count
+from .multimodal import (
+    MultimodalCausalLMOutputWithPast,
+    MultimodalPreTrainedModel,
+    check_image_count,
+    drop_images_after_prefill,
+)
 from .processing_visualglm import build_visualglm_inputs, process_response
 from .qformer import QFormerModel
+# transformers 4.57.x copies out of a local folder only the files that the loaded file itself imports (5.x follows
+# imports recursively): these lines name the rest of the import closure (delete with the 4.57 floor)
+from .attention import eager_attention_forward  # noqa: F401
+from .configuration_blocks import ChatGLMConfig  # noqa: F401
 
 
 VisualGLMCausalLMOutputWithPast = MultimodalCausalLMOutputWithPast
@@ -181,7 +190,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
                 check_chatglm_prompt(input_ids, full_mask, self.config.text_config)
                 if model_inputs.get("pixel_values") is None:  # else forward checks the count itself
                     self._check_image_count(input_ids == self.config.image_token_id, 0)
-        return model_inputs
+        return drop_images_after_prefill(model_inputs, input_ids)
 
     def create_masks_for_generate(self, config=None, attention_mask=None, **kwargs):
         # The language model builds its own prefix-LM mask from the 2-D padding mask and positions. For
@@ -196,7 +205,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         return nn.functional.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
     # --- chat -------------------------------------------------------------------------------------
-    def _chat_inputs(self, tokenizer, image, query, history, english, logits_processor, gen_kwargs):
+    def _chat_inputs(self, tokenizer, image, query, history, gen_kwargs, logits_processor=None, english=None):
         """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
 
         def build(turns):
@@ -230,8 +239,8 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         turns that do not fit the model's positions are left out of the prompt, oldest first, with a warning.
         """
         history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, english,
-                                                            logits_processor, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
+                                                            logits_processor, english=english)
         outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         response = process_response(tokenizer.decode(outputs[0, input_ids.shape[1] :].tolist(),
                                                      skip_special_tokens=True))
@@ -242,8 +251,8 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
                     **gen_kwargs):
         """Like ``chat`` but yields ``(partial_response, history)`` after every generated token."""
         history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, english,
-                                                            logits_processor, gen_kwargs)
+        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
+                                                            logits_processor, english=english)
 
         def decode(tokens):
             return process_response(tokenizer.decode(tokens, skip_special_tokens=True))

@@ -29,6 +29,15 @@ def check_image_count(image_mask: torch.Tensor, num_images: int, num_image_token
         raise ValueError(error)
 
 
+def drop_images_after_prefill(model_inputs: dict, input_ids: torch.Tensor) -> dict:
+    """Decode steps never re-encode the images: ``pixel_values`` go to the prefill only (by shapes, no host sync).
+    transformers 5.x drops them itself; 4.57.x passes them at every step."""
+    step_ids = model_inputs.get("input_ids")
+    if step_ids is not None and step_ids.shape[1] != input_ids.shape[1]:
+        model_inputs["pixel_values"] = None
+    return model_inputs
+
+
 class MultimodalPreTrainedModel(PreTrainedModel):
     """What every family shares: image + text in, a ``language_model`` sub-model and an ``lm_head`` out.
 

@@ -35,6 +35,7 @@ import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from .chat_utils import check_history
+from .compat import legacy_processor_attributes
 
 TEMPLATES = ("base", "chat", "vqa", "text")
 TEXT_ONLY_SYSTEM = (
@@ -92,6 +93,7 @@ def cogvlm_token_type_ids(input_ids: torch.Tensor, image_token_id: int) -> torch
     return (input_ids == image_token_id).long()
 
 
+@legacy_processor_attributes
 class CogVLMProcessor(ProcessorMixin):
     """Images + formatted CogVLM prompts → ``input_ids``, ``attention_mask`` (left-padded) and ``pixel_values``.
 

@@ -23,9 +23,12 @@ Deliberate differences:
 
 from __future__ import annotations
 
-from transformers import LlamaTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
 
 from .chat_utils import check_history
+from .compat import legacy_processor_attributes, llama_tokenizer_class
+from .image_processing_visualglm import flatten_images
 
 IMAGE_SEGMENT = "<Img><ImageHere></Img>"
 IMAGE_HERE = "<ImageHere>"
@@ -87,6 +90,13 @@ def build_minigpt4_inputs(tokenizer, variant: str, query: str, history=None, has
                           num_image_tokens: int = 32, image_token_id: int | None = None) -> list[int]:
     """Prompt ids: BOS + segment ids, with ``num_image_tokens`` × ``image_token_id`` where ``<ImageHere>`` was."""
     prompt = build_minigpt4_prompt(variant, query, history, has_image=has_image)
+    return encode_minigpt4_prompt(tokenizer, prompt, num_image_tokens, image_token_id)
+
+
+def encode_minigpt4_prompt(tokenizer, prompt: str, num_image_tokens: int = 32, image_token_id: int | None = None
+                           ) -> list[int]:
+    """Ids of a formatted prompt: BOS + the legacy ids of each segment, ``num_image_tokens`` × ``image_token_id``
+    where each ``<ImageHere>`` was."""
     segments = prompt.split(IMAGE_HERE)
     if image_token_id is None:
         image_token_id = tokenizer.image_token_id
@@ -105,7 +115,7 @@ def process_response(text: str) -> str:
     return text.strip()
 
 
-class MiniGPT4Tokenizer(LlamaTokenizer):
+class MiniGPT4Tokenizer(llama_tokenizer_class()):
     """transformers' ``LlamaTokenizer`` plus the model's ``image_token_id`` (saved in tokenizer_config.json).
 
     The image id is not a vocabulary entry: it is the first id past the SentencePiece pieces (an extra
@@ -117,8 +127,58 @@ class MiniGPT4Tokenizer(LlamaTokenizer):
         self.init_kwargs["image_token_id"] = image_token_id
 
 
+@legacy_processor_attributes
+class MiniGPT4Processor(ProcessorMixin):
+    """Images + MiniGPT-4 prompts → ``input_ids``, ``attention_mask`` (left-padded) and ``pixel_values``.
+
+    ``text`` is one or more formatted prompts (see :func:`build_minigpt4_prompt`) with ``<ImageHere>`` where an
+    image goes; each marker becomes ``num_image_tokens`` × ``image_token_id``, and ``pixel_values`` (N, 3, S, S)
+    holds the given images in the order of their markers.
+    """
+
+    _auto_class = "AutoProcessor"
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 32, **kwargs):
+        self.num_image_tokens = int(num_image_tokens)
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(self, images=None, text=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        if text is None:
+            raise ValueError("MiniGPT4Processor needs text: prompt(s) from build_minigpt4_prompt, with <ImageHere>")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a string or a non-empty list of strings")
+        flat_images = flatten_images(images)
+        markers = [t.count(IMAGE_HERE) for t in texts]
+        if sum(markers) != len(flat_images):
+            raise ValueError(
+                f"{sum(markers)} {IMAGE_HERE!r} marker(s) in the text (per prompt: {markers}) but "
+                f"{len(flat_images)} image(s) given; each image needs exactly one marker"
+            )
+        rows = [encode_minigpt4_prompt(self.tokenizer, t, self.num_image_tokens) for t in texts]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
+        width = max(len(r) for r in rows)
+        data = {
+            "input_ids": [[pad] * (width - len(r)) + r for r in rows],
+            "attention_mask": [[0] * (width - len(r)) + [1] * len(r) for r in rows],
+        }
+        if flat_images:
+            data["pixel_values"] = self.image_processor(flat_images, return_tensors="pt", **kwargs)["pixel_values"]
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def decode(self, token_ids, **kwargs) -> str:
+        kwargs.setdefault("skip_special_tokens", True)
+        return process_response(self.tokenizer.decode(token_ids, **kwargs))
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
 __all__ = [
+    "MiniGPT4Processor",
     "MiniGPT4Tokenizer",
+    "encode_minigpt4_prompt",
     "build_minigpt4_prompt",
     "build_minigpt4_inputs",
     "legacy_encode",

@@ -33,6 +33,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .chat_utils import check_history
+from .compat import legacy_processor_attributes
 from .image_processing_visualglm import flatten_images
 
 IMAGE_MARKER = "<img></img>"
@@ -152,6 +153,7 @@ def process_response(response: str) -> str:
     return response
 
 
+@legacy_processor_attributes
 class VisualGLMProcessor(ProcessorMixin):
     """Images + VisualGLM prompts → ``input_ids``, ``attention_mask`` (left-padded) and ``pixel_values``.
 

@@ -31,10 +31,9 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import eager_attention_forward
-from .compat import bidirectional_mask, init
+from .compat import ALL_ATTENTION_FUNCTIONS, bidirectional_mask, init, keep_in_fp32
 from .configuration_blocks import QFormerConfig
 
 
@@ -181,7 +180,7 @@ class QFormerPreTrainedModel(PreTrainedModel):
     # "qformer." prefix every family composite uses. (A composite must therefore not put other modules
     # named layers/final_layernorm/query_tokens at its top level; ours nest them under vision_model. and
     # language_model.)
-    _keep_in_fp32_modules = [r"^(?:qformer\.)?(?:query_tokens|layers|final_layernorm)(?:\.|$)"]
+    _keep_in_fp32_modules = keep_in_fp32([r"^(?:qformer\.)?(?:query_tokens|layers|final_layernorm)(?:\.|$)"])
     _supports_sdpa = True
     # fp32 weights (see above) rule out flash-attention kernels, as in transformers' Blip2QFormerModel.
     _supports_flash_attn = False

@@ -43,6 +43,8 @@ import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken
 
+from .compat import set_extra_special_tokens
+
 VOCAB_FILES_NAMES = {"vocab_file": "ice_text.model"}
 
 MAX_BLANK_LENGTH = 80
@@ -158,6 +160,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,
             **kwargs,
         )
+        set_extra_special_tokens(self, gmask_token=gmask_token, smask_token=smask_token, image_token=image_token)
 
     # ---- vocabulary -------------------------------------------------------------------------------------
 
