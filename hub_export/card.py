@@ -7,12 +7,33 @@ import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .families import Family
+from .families import NEUTRAL_GENERATION, Family
 
 MODEL_ID_LINE = re.compile(r'^model_id = ".*"$', flags=re.MULTILINE)
 
 
-def render_card(family: Family, *, model_id: str, source_note: str, files_note: str, complete: bool) -> str:
+def transformers_requirement() -> str:
+    """The transformers range this package declares (pyproject.toml), e.g. ``>=5.17,<6``."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = [Requirement(r) for r in requires("modeling_visualglm") or []]
+    except PackageNotFoundError:  # not installed (a source checkout on sys.path): no claim beyond the code's
+        return ""
+    for req in reqs:
+        if req.name == "transformers" and req.marker is None:
+            return ",".join(sorted((str(s) for s in req.specifier), key=lambda s: not s.startswith(">")))
+    return ""
+
+
+def describe_defaults(defaults: dict) -> str:
+    return ", ".join(f"`{k}={v!r}`" for k, v in defaults.items())
+
+
+def render_card(family: Family, *, model_id: str, source_note: str, files_note: str, complete: bool,
+                config=None) -> str:
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
@@ -27,7 +48,11 @@ def render_card(family: Family, *, model_id: str, source_note: str, files_note: 
         "\n> **Incomplete folder:** it has no tokenizer files. Re-run the conversion with `--tokenizer` "
         f"({family.tokenizer_hint}) before using or uploading it.\n"
     )
-    skip = json.dumps(list(family.model.load().quantization_skip_modules))
+    model_class = family.model.load()
+    skip = json.dumps(list(model_class.quantization_skip_modules))
+    defaults = describe_defaults(model_class.chat_defaults_for(config)) if config is not None else "the original's"
+    requirement = transformers_requirement()
+    versions = f"`transformers{requirement}` or 4.57.x" if requirement else "transformers 4.57.x or 5.x"
     body = f"""
 # {family.title} (transformers remote code)
 
@@ -35,8 +60,8 @@ def render_card(family: Family, *, model_id: str, source_note: str, files_note: 
 {status}
 ## Usage
 
-Needs `transformers>=5.17`, `torch`, `sentencepiece` and `pillow`; the model code ships in this repository,
-so pass `trust_remote_code=True`.
+Needs {versions}, `torch`, `sentencepiece` and `pillow`; the model code ships in this repository, so pass
+`trust_remote_code=True`.
 
 ```python
 import torch
@@ -53,11 +78,12 @@ print(response)
 response, history = model.chat(tokenizer, "image.jpg", "What else do you see?", history=history)
 ```
 
-`chat` uses the original defaults (sampling with top_p 0.4, top_k 100, temperature 0.8, repetition
-penalty 1.2, `max_length` 1024, `min_length` 100 — which counts the prompt); pass e.g.
-`do_sample=False, max_new_tokens=64, min_length=0` to change them. `stream_chat` yields partial answers.
-The same defaults are in `generation_config.json` for `generate()`; `AutoProcessor` builds batched
-`input_ids` / `pixel_values` (and has a chat template) for `generate()` and pipelines.
+`chat` uses the original's generation defaults ({defaults}); any `generate()` keyword overrides them, e.g.
+`do_sample=False, max_new_tokens=64, min_length=0`. In `chat`, `max_length` counts new tokens only, and the
+oldest history turns are left out of the prompt (with a warning) when it outgrows the model's positions.
+`stream_chat` yields partial answers. `generation_config.json` is neutral: a plain `generate()` decodes
+greedily and stops at EOS or after {NEUTRAL_GENERATION['max_new_tokens']} new tokens. `AutoProcessor` builds batched, left-padded `input_ids` /
+`attention_mask` / `pixel_values` for `generate()`.
 
 ## Bigger than one GPU, or 4-bit
 

@@ -13,6 +13,11 @@ from typing import Callable
 
 PACKAGE = "modeling_visualglm"
 
+# generation_config.json is neutral (CONTRACTS §2): a plain generate() or pipeline() decodes greedily and stops at
+# EOS or after this many new tokens, without warnings. The originals' chat sampling defaults live in the model code
+# (each family's CHAT_DEFAULTS, read through `chat_defaults_for`), used by chat/stream_chat and the CLIs.
+NEUTRAL_GENERATION = dict(max_new_tokens=256)
+
 
 def package_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)

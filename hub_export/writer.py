@@ -32,7 +32,7 @@ import torch
 
 from .card import render_card
 from .code import copy_code
-from .families import Family, package_dir
+from .families import NEUTRAL_GENERATION, Family, package_dir
 from .weights import write_safetensors_shards
 
 from . import INCOMPLETE_MARKER
@@ -116,12 +116,6 @@ def write_tokenizer_and_processor(folder: Path, family: Family, tokenizer, confi
     return written
 
 
-# generation_config.json is neutral (CONTRACTS §2): a plain generate() or pipeline() decodes greedily and stops at
-# EOS or after this many new tokens, without warnings. The originals' chat sampling defaults live in the model code
-# (each family's CHAT_DEFAULTS), used by chat/stream_chat and the CLIs.
-NEUTRAL_GENERATION = dict(max_new_tokens=256)
-
-
 def write_generation_config(folder: Path, family: Family, config, tokenizer) -> None:
     from transformers import GenerationConfig
 
@@ -177,7 +171,7 @@ def write_hub_folder(
         f"({_dtype_name(dtype)}); remote code: {', '.join(code_files)}."
     )
     card = render_card(family, model_id=model_id or str(folder.resolve()), source_note=source_note,
-                       files_note=files_note, complete=complete)
+                       files_note=files_note, complete=complete, config=config)
     (folder / "README.md").write_text(card, encoding="utf-8")
     other.append("README.md")
     return FolderResult(folder, complete, weights["files"], code_files, sorted(set(other)),

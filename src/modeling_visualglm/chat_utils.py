@@ -71,7 +71,7 @@ def fit_chat_prompt(build: Callable[[list], list], history: list, max_positions:
             f"chat: the oldest {len(history) - len(turns)} of {len(history)} history turn(s) were left out of the "
             f"prompt so that it fits the model's {max_positions} positions with room for the answer",
             UserWarning,
-            stacklevel=3,
+            stacklevel=5,  # the caller of chat() / the loop over stream_chat()
         )
     if len(ids) >= max_positions:
         raise ValueError(

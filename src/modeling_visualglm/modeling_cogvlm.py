@@ -338,6 +338,11 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         return drop_images_after_prefill(model_inputs, input_ids)
 
     # --- chat -------------------------------------------------------------------------------------
+    @classmethod
+    def chat_defaults_for(cls, config) -> dict:
+        """The original's chat generation defaults for ``config`` (used by ``chat``, the CLIs and the model card)."""
+        return dict(CHAT_DEFAULTS)
+
     def _chat_inputs(self, tokenizer, image, query, history, gen_kwargs, logits_processor=None, template=None):
         """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
         template = template or self.config.template_version
@@ -347,7 +352,7 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
             return build_cogvlm_inputs(tokenizer, prompt, image is not None, self.config.num_image_tokens,
                                        self.config.image_token_id)
 
-        ids, kwargs = prepare_chat(build, history, CHAT_DEFAULTS, gen_kwargs,
+        ids, kwargs = prepare_chat(build, history, self.chat_defaults_for(self.config), gen_kwargs,
                                    self.config.text_config.max_position_embeddings)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pixel_values = None

@@ -173,6 +173,11 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         return drop_images_after_prefill(model_inputs, input_ids)
 
     # --- chat -------------------------------------------------------------------------------------
+    @classmethod
+    def chat_defaults_for(cls, config) -> dict:
+        """The original's chat generation defaults for ``config`` (used by ``chat``, the CLIs and the model card)."""
+        return dict(CHAT_DEFAULTS[config.variant])
+
     def _chat_inputs(self, tokenizer, image, query, history, gen_kwargs, logits_processor=None):
         """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
 
@@ -182,7 +187,7 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
                 num_image_tokens=self.config.num_image_tokens, image_token_id=self.config.image_token_id,
             )
 
-        ids, kwargs = prepare_chat(build, history, CHAT_DEFAULTS[self.config.variant], gen_kwargs,
+        ids, kwargs = prepare_chat(build, history, self.chat_defaults_for(self.config), gen_kwargs,
                                    self.config.text_config.max_position_embeddings)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pixel_values = None

@@ -205,6 +205,11 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         return nn.functional.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
     # --- chat -------------------------------------------------------------------------------------
+    @classmethod
+    def chat_defaults_for(cls, config) -> dict:
+        """The original's chat generation defaults for ``config`` (used by ``chat``, the CLIs and the model card)."""
+        return dict(CHAT_DEFAULTS)
+
     def _chat_inputs(self, tokenizer, image, query, history, gen_kwargs, logits_processor=None, english=None):
         """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
 
@@ -212,7 +217,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             return build_visualglm_inputs(tokenizer, query, history=turns, has_image=image is not None,
                                           num_image_tokens=self.config.num_image_tokens, english=english)
 
-        ids, kwargs = prepare_chat(build, history, CHAT_DEFAULTS, gen_kwargs,
+        ids, kwargs = prepare_chat(build, history, self.chat_defaults_for(self.config), gen_kwargs,
                                    self.config.text_config.max_position_embeddings)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pixel_values = None
