@@ -52,15 +52,18 @@ def chat_generate_kwargs(defaults: dict, gen_kwargs: dict) -> dict:
     return kwargs
 
 
-def fit_chat_prompt(build: Callable[[list], list], history: list, max_positions: int, max_new_tokens: int) -> list:
+def fit_chat_prompt(build: Callable[[list], list], history: list, max_positions: int, max_new_tokens: int,
+                    saved_positions: int = 0) -> list:
     """Prompt ids for ``history`` + the query, with room for the answer.
 
-    ``build(turns)`` returns the prompt ids for a list of history turns. While the prompt leaves fewer than
+    ``build(turns)`` returns the prompt ids for a list of history turns; the prompt takes ``len(ids) -
+    saved_positions`` positions (CogVLM's image block takes 3 positions for all its tokens). While the prompt leaves fewer than
     ``min(max_new_tokens, max_positions // 4)`` of the model's ``max_positions`` for the answer, the oldest turn is
     dropped from the prompt (the caller's history is not changed), with a warning. A query that does not fit even
     without history raises ``ValueError``.
     """
     reserve = max(1, min(max_new_tokens, max_positions // 4))
+    max_positions += saved_positions  # in tokens from here on
     turns = list(history)
     ids = build(turns)
     while turns and len(ids) + reserve > max_positions:
@@ -69,25 +72,25 @@ def fit_chat_prompt(build: Callable[[list], list], history: list, max_positions:
     if len(turns) < len(history):
         warnings.warn(
             f"chat: the oldest {len(history) - len(turns)} of {len(history)} history turn(s) were left out of the "
-            f"prompt so that it fits the model's {max_positions} positions with room for the answer",
+            f"prompt so that it fits the model's {max_positions - saved_positions} positions with room for the answer",
             UserWarning,
             stacklevel=5,  # the caller of chat() / the loop over stream_chat()
         )
     if len(ids) >= max_positions:
         raise ValueError(
-            f"the query is {len(ids)} tokens with its template (and image), but the model has only {max_positions} "
-            "positions: shorten the query"
+            f"the query needs {len(ids) - saved_positions} positions with its template (and image), but the model "
+            f"has only {max_positions - saved_positions}: shorten the query"
         )
     return ids
 
 
 def prepare_chat(build: Callable[[list], list], history: list, defaults: dict, gen_kwargs: dict,
-                 max_positions: int) -> tuple[list, dict]:
+                 max_positions: int, saved_positions: int = 0) -> tuple[list, dict]:
     """(prompt ids, generate kwargs) of one chat turn; the answer never runs past ``max_positions``."""
     kwargs = chat_generate_kwargs(defaults, gen_kwargs)
     budget = kwargs.get("max_new_tokens") or max_positions
-    ids = fit_chat_prompt(build, history, max_positions, budget)
-    kwargs["max_new_tokens"] = min(budget, max_positions - len(ids))
+    ids = fit_chat_prompt(build, history, max_positions, budget, saved_positions)
+    kwargs["max_new_tokens"] = min(budget, max_positions + saved_positions - len(ids))
     return ids, kwargs
 
 

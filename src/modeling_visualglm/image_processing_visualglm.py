@@ -9,15 +9,18 @@ float32 (÷255) → per-channel ``(x − mean) / std`` with the CLIP constants �
 Deliberate differences from the original:
 - No torchvision: torchvision's ``Resize`` on a PIL image calls PIL's ``resize`` with the same filter, and
   ``ToTensor`` + ``Normalize`` are the same float32 operations, so the values are identical.
-- Inputs may be PIL images or file paths (http(s) URLs are fetched with transformers' ``load_image``), one or a
-  list; unreadable, empty, corrupt, zero-sized and decompression-bomb-sized files raise ``ValueError`` naming
-  the file, instead of a PIL traceback.
+- Inputs may be PIL images, file paths or http(s) URLs (fetched with a timeout and a byte cap), one or a list;
+  unreadable, empty, corrupt, zero-sized and decompression-bomb-sized images raise ``ValueError`` naming the
+  source, instead of a PIL traceback. 16-bit and float images are scaled to 8 bits (PIL alone clips them).
 - The output stays float32; the model casts ``pixel_values`` to its own dtype (the originals cast to fp16).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -56,6 +59,8 @@ class VisualGLMImageProcessor(BaseImageProcessor):
         image_std=CLIP_STD,
         resample: int = Image.Resampling.BICUBIC,
         max_image_pixels: int | None = None,
+        max_image_bytes: int = 64 * 1024 * 1024,
+        url_timeout: float = 20.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -65,54 +70,85 @@ class VisualGLMImageProcessor(BaseImageProcessor):
         self.resample = int(resample)
         # PIL's own decompression-bomb threshold (89,478,485 px) unless configured
         self.max_image_pixels = int(max_image_pixels) if max_image_pixels is not None else Image.MAX_IMAGE_PIXELS
+        self.max_image_bytes = int(max_image_bytes)  # what an image URL may send
+        self.url_timeout = float(url_timeout)
 
     # ---- loading ----------------------------------------------------------------------------------------
 
     def load_image(self, image) -> Image.Image:
-        """An RGB PIL image from a PIL image, a local path or an http(s) URL, with errors that name the file."""
+        """An RGB PIL image from a PIL image, a local path or an http(s) URL, with errors that name the source.
+
+        Files and URLs go through the same checks: the pixel limit (``max_image_pixels``, read from the header
+        before decoding), corrupt or truncated data, and 16-bit / float images scaled to 8 bits. URLs are fetched
+        with a timeout (``url_timeout`` seconds) and at most ``max_image_bytes`` bytes, counted while reading.
+        """
         if isinstance(image, Image.Image):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"image has zero size {image.size}")
-            return image.convert("RGB")
-        if isinstance(image, str) and image.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image
-
-            try:
-                return self.load_image(load_image(image))
-            except Exception as err:
-                raise ValueError(f"could not load image from {image!r}: {err}") from err
+            self._check_pixels(image, "the given image")
+            return to_rgb(image)
+        if isinstance(image, str) and "://" in image.split("?")[0][:16]:
+            return self._decode(io.BytesIO(self._fetch(image)), image)
         if not isinstance(image, (str, Path)):
-            raise TypeError(f"expected a PIL image or a file path, got {type(image).__name__}")
+            raise TypeError(f"expected a PIL image or a file path (or an http(s) URL), got {type(image).__name__}")
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path!r}")
         if os.path.getsize(path) == 0:
             raise ValueError(f"image file is empty: {path!r}")
+        with open(path, "rb") as f:
+            return self._decode(f, path)
+
+    def _fetch(self, url: str) -> bytes:
+        """The body of an http(s) URL: streamed, at most ``max_image_bytes``, within ``url_timeout`` seconds."""
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"image URL {url!r}: only http and https are fetched, not {scheme!r}")
+        request = urllib.request.Request(url, headers={"User-Agent": "modeling_visualglm"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.url_timeout) as response:
+                chunks, size = [], 0
+                while True:
+                    chunk = response.read(1 << 16)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > self.max_image_bytes:  # counted as read: Content-Length is not trusted
+                        raise ValueError(f"image URL {url!r} sent more than max_image_bytes={self.max_image_bytes:,}")
+                    chunks.append(chunk)
+        except ValueError:
+            raise
+        except (OSError, urllib.error.URLError) as err:  # timeouts, refused connections, HTTP errors
+            raise ValueError(f"could not fetch image URL {url!r}: {err}") from err
+        if not size:
+            raise ValueError(f"image URL {url!r} returned no data")
+        return b"".join(chunks)
+
+    def _decode(self, stream, name: str) -> Image.Image:
         try:
             with warnings.catch_warnings():
                 # _check_pixels below turns PIL's bomb warning into a clear error
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                opened = Image.open(path)
+                opened = Image.open(stream)
         except Image.DecompressionBombError as err:  # PIL's hard limit, 2x MAX_IMAGE_PIXELS
-            raise ValueError(f"image {path!r} is too large to decode safely: {err}") from err
+            raise ValueError(f"image {name!r} is too large to decode safely: {err}") from err
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"could not read image {path!r} (corrupt or not an image): {err}") from err
+            raise ValueError(f"could not read image {name!r} (corrupt or not an image): {err}") from err
         with opened:
-            self._check_pixels(opened, path)
+            self._check_pixels(opened, name)
             try:
                 opened.load()
-                rgb = opened.convert("RGB")
+                return to_rgb(opened)
             except (OSError, SyntaxError, ValueError) as err:
-                raise ValueError(f"could not decode image {path!r} (corrupt or truncated): {err}") from err
-        return rgb
+                raise ValueError(f"could not decode image {name!r} (corrupt or truncated): {err}") from err
 
-    def _check_pixels(self, image: Image.Image, path: str) -> None:
+    def _check_pixels(self, image: Image.Image, name: str) -> None:
         width, height = image.size
         if width == 0 or height == 0:
-            raise ValueError(f"image {path!r} has zero size {image.size}")
+            raise ValueError(f"image {name!r} has zero size {image.size}")
         if width * height > self.max_image_pixels:
             raise ValueError(
-                f"image {path!r} has {width}x{height} = {width * height:,} pixels, more than the limit of "
+                f"image {name!r} has {width}x{height} = {width * height:,} pixels, more than the limit of "
                 f"{self.max_image_pixels:,} (a decompression bomb?); raise max_image_pixels to accept it"
             )
 
@@ -146,6 +182,29 @@ class VisualGLMImageProcessor(BaseImageProcessor):
         out = super().to_dict()
         out.pop("_valid_kwargs_names", None)
         return out
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own ``convert("RGB")`` clips 16-bit and 32-bit integer pixels at 255 (nearly white) and
+    truncates float pixels in [0, 1] to 0 (black); those are scaled to 0..255 first: 16-bit by 255/65535,
+    32-bit integers by 255/65535 when their maximum is above 255, floats by 255 when their maximum is at most 1
+    (else clipped to 0..255), NaN → 0."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        sixteen_bit = mode.startswith("I;16")
+        if sixteen_bit:
+            image = image.convert("I")  # exact: native-endian int32
+        dtype = torch.float32 if mode == "F" else torch.int32
+        values = torch.frombuffer(bytearray(image.tobytes()), dtype=dtype).to(torch.float64)
+        values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        peak = float(values.max()) if values.numel() else 0.0
+        if sixteen_bit or (mode == "I" and peak > 255):
+            values = values * (255.0 / 65535.0)
+        elif mode == "F" and peak <= 1.0:
+            values = values * 255.0
+        gray = values.round().clamp(0, 255).to(torch.uint8)
+        image = Image.frombytes("L", (image.width, image.height), gray.numpy().tobytes())
+    return image.convert("RGB")
 
 
 def flatten_images(images) -> list:

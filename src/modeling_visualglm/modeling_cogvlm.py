@@ -250,6 +250,8 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         if input_ids is not None:
             image_mask = input_ids == self.config.image_token_id  # (B, T)
             num_vision = None
+            if is_prefill:
+                self.check_prompt_length(input_ids.shape[1], pixel_values is not None)
             if is_prefill or token_type_ids is not None:
                 num_images = 0 if pixel_values is None else pixel_values.shape[0]
                 num_vision = self._check_prefill(image_mask, num_images, token_type_ids, attention_mask)
@@ -338,6 +340,10 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         return drop_images_after_prefill(model_inputs, input_ids)
 
     # --- chat -------------------------------------------------------------------------------------
+    @property
+    def image_positions_saved(self) -> int:
+        return self.config.num_image_tokens - 3  # the image block takes 3 positions (boi, patches, eoi)
+
     @classmethod
     def chat_defaults_for(cls, config) -> dict:
         """The original's chat generation defaults for ``config`` (used by ``chat``, the CLIs and the model card)."""
@@ -353,7 +359,8 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
                                        self.config.image_token_id)
 
         ids, kwargs = prepare_chat(build, history, self.chat_defaults_for(self.config), gen_kwargs,
-                                   self.config.text_config.max_position_embeddings)
+                                   self.config.text_config.max_position_embeddings,
+                                   saved_positions=self.image_positions_saved if image is not None else 0)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pixel_values = None
         if image is not None:

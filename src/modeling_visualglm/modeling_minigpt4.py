@@ -125,6 +125,8 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         if inputs_embeds is None:
             image_mask = input_ids == self.config.image_token_id  # (B, T)
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+            if pixel_values is not None or cache is None:  # a prefill, or no cache at all (training)
+                self.check_prompt_length(input_ids.shape[1], pixel_values is not None)
             if pixel_values is not None:  # a prefill: one host sync for the count check is fine
                 self._check_image_count(image_mask, pixel_values.shape[0])
                 inputs_embeds, image_features = self._scatter_image_features(inputs_embeds, image_mask, pixel_values)
@@ -167,9 +169,10 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         # the cache travels in kwargs under the running release's name (see compat.py)
         model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         step_ids = model_inputs.get("input_ids")
-        if step_ids is not None and step_ids.shape[1] == input_ids.shape[1] and model_inputs.get("pixel_values") is None:
-            # a prefill without images (shapes only decide it: no host sync per decode step)
-            self._check_image_count(input_ids == self.config.image_token_id, 0)
+        if step_ids is not None and step_ids.shape[1] == input_ids.shape[1]:  # the prefill (shapes only decide)
+            self.check_prompt_length(input_ids.shape[1], model_inputs.get("pixel_values") is not None)
+            if model_inputs.get("pixel_values") is None:  # else forward checks the count itself
+                self._check_image_count(input_ids == self.config.image_token_id, 0)
         return drop_images_after_prefill(model_inputs, input_ids)
 
     # --- chat -------------------------------------------------------------------------------------

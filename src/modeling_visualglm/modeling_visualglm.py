@@ -129,6 +129,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             # the placeholder id may lie outside the embedding table: never look it up
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
             if pixel_values is not None or derive_positions:  # a prefill: one host sync is fine
+                self.check_prompt_length(input_ids.shape[1], pixel_values is not None)
                 self._check_image_count(image_mask, 0 if pixel_values is None else pixel_values.shape[0])
             if pixel_values is not None:
                 inputs_embeds, image_features = self._scatter_image_features(inputs_embeds, image_mask, pixel_values)
@@ -187,6 +188,7 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             positions = chatglm_position_ids(input_ids, full_mask, self.config.text_config)
             model_inputs["position_ids"] = positions[..., -step_ids.shape[1] :]
             if step_ids.shape[1] == input_ids.shape[1]:  # the prefill (shapes only: no host sync per step)
+                self.check_prompt_length(input_ids.shape[1], model_inputs.get("pixel_values") is not None)
                 check_chatglm_prompt(input_ids, full_mask, self.config.text_config)
                 if model_inputs.get("pixel_values") is None:  # else forward checks the count itself
                     self._check_image_count(input_ids == self.config.image_token_id, 0)

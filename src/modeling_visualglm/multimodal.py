@@ -63,6 +63,21 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
 
+    # positions the image block of one image saves against its token count (CogVLM: all but 3)
+    image_positions_saved = 0
+
+    def check_prompt_length(self, seq_len: int, has_images: bool) -> None:
+        """Before any compute (shapes only, no host sync): a prompt must fit the language model's positions.
+        In a batch mixing image and text-only rows the image rows' saving is granted to all (a bound, not exact)."""
+        max_positions = self.config.text_config.max_position_embeddings
+        allowed = max_positions + (self.image_positions_saved if has_images else 0)
+        if seq_len > allowed:
+            raise ValueError(
+                f"the prompt is {seq_len} tokens{' with its image(s)' if has_images else ''}, more than the "
+                f"{max_positions} positions of the language model: shorten it (chat() leaves out old history turns "
+                "by itself)"
+            )
+
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
