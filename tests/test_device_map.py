@@ -6,7 +6,7 @@
 - ``quantization_skip_modules`` (what the docs pass to ``BitsAndBytesConfig(llm_int8_skip_modules=...)``)
   leaves exactly the language model's linear layers to quantize, judged by transformers' own matching rule.
 
-The real-size GPU runs (GPU + CPU splits, 4-bit / 8-bit) are in ``benchmarks/bench_gpu.py``; their results
+The real-size GPU runs (GPU + CPU splits, 4-bit / 8-bit) are in ``python -m benchmarks.bench split`` / ``quant``; their results
 are in docs/performance.md.
 """
 

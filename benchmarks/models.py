@@ -1,0 +1,129 @@
+"""Seeded random models built directly on the device, their prompts, and the generate calls every mode times.
+
+Real size: bf16 weights constructed on the device (no fp32 copy on the host), every parameter seeded. Tiny
+(``--smoke-cpu``): the presets of ``modeling_visualglm.testing_utils`` in fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .families import FAMILIES, Family
+from .harness import median, timed_runs
+
+
+@dataclass
+class Built:
+    """A model with what it takes to prompt it: ``prompt(n_text)`` → ids, ``images(n)`` → pixels (or None)."""
+
+    name: str
+    family: Family
+    model: torch.nn.Module
+    prompt: Callable[[int], list[int]]
+    images: Callable[[int], torch.Tensor] | None
+    pad_id: int
+    lm_params: int  # parameters of the language model (and lm_head): what one decode step reads
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@torch.no_grad()
+def randomize_on_device(model, device, seed=0, std=0.02):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
+        p.copy_(1.0 + 0.1 * noise if p.ndim == 1 and "norm" in name and name.endswith("weight") else std * noise)
+
+
+def build(name: str, device: torch.device, *, tiny: bool = False) -> Built:
+    family = FAMILIES[name]
+    cfg = family.config(tiny)
+    dtype, was = (torch.float32 if tiny else torch.bfloat16), torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # constructed in ``dtype`` on the device: no fp32 copy on the host
+    try:
+        with device:
+            model = family.model_class()(cfg)
+    finally:
+        torch.set_default_dtype(was)
+    model = model.to(dtype).eval()
+    randomize_on_device(model, device)
+
+    text = family.text_config(cfg)
+    gen = torch.Generator().manual_seed(0)
+    # random text ids stay below every special id (the tiny presets put theirs among the first 200 ids)
+    special = [getattr(text, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "mask", "gmask")]
+    high = min([text.vocab_size, 60000] + [i for i in [*special, getattr(cfg, "image_token_id", None)]
+                                           if isinstance(i, int) and i > 5]) - 1
+    image = [] if family.kind == "peer" else [cfg.image_token_id] * cfg.num_image_tokens
+
+    def prompt(n_text):
+        return family.layout(cfg, torch.randint(5, high, (n_text + family.text_extra,), generator=gen).tolist(), image)
+
+    def images(n):
+        size = cfg.vision_config.image_size
+        return torch.randn(n, 3, size, size, generator=gen).to(device, dtype)
+
+    lm = [p.numel() for n, p in model.named_parameters() if family.kind == "peer" or
+          n.startswith(("language_model", "lm_head"))]
+    return Built(name, family, model, prompt, None if family.kind == "peer" else images,
+                 family.pad_token_id(cfg), sum(lm))
+
+
+def batch_inputs(built: Built, batch: int, base_len: int = 24) -> dict:
+    """A ragged, left-padded batch of image prompts with ``base_len`` to ``base_len + 16`` text ids."""
+    rows = [built.prompt(base_len + (i * 7) % 17) for i in range(batch)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[built.pad_id] * (width - len(r)) + r for r in rows], device=built.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=built.device)
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if built.images is not None:
+        inputs["pixel_values"] = built.images(batch)
+    return inputs
+
+
+def generate(model, inputs: dict, new_tokens: int, **extra):
+    """Exactly ``new_tokens`` greedy tokens (no early stop)."""
+    return model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          eos_token_id=None, pad_token_id=0, **extra)
+
+
+def greedy(model, inputs: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` new tokens (B, n) and their logits (B, n, V) in fp32, on the CPU."""
+    out = generate(model, inputs, n, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:].cpu(), torch.stack(out.logits, 1).float().cpu()
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def agreement(tokens, ref_tokens, logits, ref_logits) -> dict:
+    """Share of greedy tokens equal to the reference, the steps before the first difference in any row, and the
+    first step's relative L2 logits difference (both runs see the same prompt at step 0)."""
+    same = tokens == ref_tokens
+    return {"token_agreement": same.float().mean().item(),
+            "identical_prefix_steps": int(same.all(0).long().cumprod(0).sum()),
+            "steps": tokens.shape[1], "first_step_logits_rel_l2": rel_l2(logits[:, 0], ref_logits[:, 0])}
+
+
+def decode_timing(model, inputs: dict, new_tokens: int, device: torch.device, *, repeat: int = 2,
+                  ttft_repeat: int = 3, warmup: int = 1, **extra) -> tuple[dict, torch.Tensor]:
+    """Time to first token (a 1-token generate) and the decode rate of a full generate minus it (medians); and
+    the sequences the last full generate produced."""
+    ttft_runs = timed_runs(lambda: generate(model, inputs, 1, **extra), device, repeat=ttft_repeat, warmup=warmup)
+    # a dynamic cache warms up on a short run; a static one must compile at the timed length
+    short = (lambda: generate(model, inputs, 16, **extra)) if "cache_implementation" not in extra else None
+    last = {}
+    total_runs = timed_runs(lambda: last.update(seq=generate(model, inputs, new_tokens, **extra)), device,
+                            repeat=repeat, warmup=warmup, warmup_fn=short)
+    ttft, total = median(ttft_runs), median(total_runs)
+    decode_s, batch = total - ttft, inputs["input_ids"].shape[0]
+    rates = {"decode_tok_s_per_seq": (new_tokens - 1) / decode_s,
+             "decode_tok_s_total": batch * (new_tokens - 1) / decode_s,
+             "ms_per_step": decode_s / (new_tokens - 1) * 1e3} if decode_s > 0 else {}  # noise beat the decode
+    return {"ttft_ms": ttft * 1e3, **rates, "ttft_runs_s": ttft_runs, "total_runs_s": total_runs}, last["seq"]
