@@ -7,13 +7,19 @@
 - the produced names are exactly the state-dict keys of the target model, built on the ``meta`` device
   (minus the weights it ties), and no name is produced twice;
 - every produced shape equals the model's (ops run on ``meta`` tensors to get their output shapes);
+- every source tensor feeding a floating-point parameter is float16, bfloat16, float32 or float64 (integer,
+  bool, complex and float8 tensors are listed, never written as they are);
 
 and raises one ``ConversionError`` listing every problem. Tied weights (``lm_head`` = word embeddings) are
 decided from the data: a source that stores both bit-equal is written once and stays tied; different
 tensors are both kept and the config is untied.
 
 The resulting ``Plan`` produces the output tensors task by task (``Plan.weight_entries``), which the hub
-writer groups into safetensors shards.
+writer groups into safetensors shards. While they stream, each tensor is checked (``DataChecks``, one
+``aminmax`` pass per tensor, no copy): NaN/inf in a source tensor, and inf/NaN that a cast (``--dtype``) or an
+op creates (an overflow: a 1e6 weight cast to float16). ``Plan.finish_data_checks`` then raises one error
+listing every such tensor with its range — source NaN/inf only without ``allow_nonfinite``, which turns them
+into warnings.
 """
 
 from __future__ import annotations
@@ -30,6 +36,91 @@ from .rules import Rule
 from .sources import TensorInfo, TensorSource
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the floating dtypes a source weight may have; float8 is quantized data that needs scales this converter does
+# not apply, so it is refused like integers, bool and complex
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LIST = 8  # names shown per message line
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_LIST])
+    return shown + (f" and {len(keys) - _LIST} more" if len(keys) > _LIST else "")
+
+
+def _dtype(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def nonfinite_counts(t: torch.Tensor) -> tuple[int, int] | None:
+    """(NaN count, inf count) of a floating tensor, or None when every value is finite.
+
+    The common case costs one ``aminmax`` pass (NaN and inf both show in the min or max) and no copy;
+    the counts are computed only when something is there.
+    """
+    if t.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return None
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+def finite_range(tensors) -> str:
+    """"[min, max]" over the finite values of ``tensors`` (for messages; only computed on the failure path)."""
+    lo = hi = None
+    for t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        finite = t[torch.isfinite(t)]
+        if finite.numel():
+            a, b = (float(x) for x in torch.aminmax(finite.double()))
+            lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+    return "no finite values" if lo is None else f"values in [{lo:.6g}, {hi:.6g}]"
+
+
+@dataclass
+class DataChecks:
+    """Problems found in the tensors' data while they stream (filled by ``compute_task``)."""
+
+    nonfinite_sources: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # key → (dtype, nan, inf)
+    overflows: list[str] = field(default_factory=list)
+
+    def record_sources(self, keys, tensors) -> int:
+        total = 0
+        for k, t in zip(keys, tensors):
+            if not t.is_floating_point():
+                continue
+            counts = nonfinite_counts(t)
+            if counts:
+                self.nonfinite_sources[k] = (_dtype(t.dtype), *counts)
+                total += sum(counts)
+        return total
+
+    def record_output(self, name, task, out: torch.Tensor, sources, source_bad: int, cast: bool):
+        counts = nonfinite_counts(out)
+        if not counts or sum(counts) <= source_bad:
+            return
+        src_dtypes = sorted({_dtype(t.dtype) for t in sources})
+        how = (f"casting to {_dtype(out.dtype)}" if cast and task.rule.op is None
+               else f"{task.rule.op}" + (f" + casting to {_dtype(out.dtype)}" if cast else f" in {_dtype(out.dtype)}"))
+        self.overflows.append(
+            f"overflow: {name!r}: {how} turns {sum(counts) - source_bad} finite value(s) into inf/NaN "
+            f"({_dtype(out.dtype)} holds at most ±{torch.finfo(out.dtype).max:.6g}); its source "
+            f"{_names(list(task.sources))} ({'/'.join(src_dtypes)}) has {finite_range(sources)}"
+            + (f" (and {source_bad} NaN/inf)" if source_bad else "")
+            + ": keep the source dtype (--dtype keep) or use a wider one (float32, bfloat16)")
+
+    def problems(self, allow_nonfinite: bool) -> list[str]:
+        problems = list(self.overflows)
+        if self.nonfinite_sources and not allow_nonfinite:
+            problems.append(self.nonfinite_message()
+                            + "; pass --allow-nonfinite to convert them as they are")
+        return problems
+
+    def nonfinite_message(self) -> str:
+        items = [f"{k!r} ({dt}: {nan} NaN, {inf} inf)" for k, (dt, nan, inf) in self.nonfinite_sources.items()]
+        shown = ", ".join(items[:_LIST]) + (f" and {len(items) - _LIST} more" if len(items) > _LIST else "")
+        return f"{len(items)} source tensor(s) hold NaN/inf values (a diverged or damaged checkpoint?): {shown}"
 
 
 def human_bytes(n: float) -> str:
@@ -63,10 +154,23 @@ class Plan:
     tie_note: str = ""
     rule_counts: dict = field(default_factory=dict)
     unused_rules: list[Rule] = field(default_factory=list)
+    allow_nonfinite: bool = False
+    checks: DataChecks = field(default_factory=DataChecks)
 
     # --- data -----------------------------------------------------------------------------------
     def compute(self, task: Task) -> dict[str, torch.Tensor]:
-        return compute_task(self.source, task)
+        return compute_task(self.source, task, self.checks)
+
+    def finish_data_checks(self) -> list[str]:
+        """After every tensor was produced: raise one ``ConversionError`` listing the overflows (and the source
+        NaN/inf unless allowed); returns the warnings to print (allowed NaN/inf)."""
+        problems = self.checks.problems(self.allow_nonfinite)
+        if problems:
+            raise ConversionError(problems,
+                                  header=f"the weights of {self.source.description} do not convert as they are")
+        if self.checks.nonfinite_sources:
+            return [self.checks.nonfinite_message() + "; converted as they are (--allow-nonfinite)"]
+        return []
 
     def weight_entries(self) -> list[tuple[tuple[str, ...], int, Callable[[], dict]]]:
         """(target names, bytes, producer) per task, in the model's state-dict order."""
@@ -117,17 +221,23 @@ class Plan:
         return "\n".join(lines)
 
 
-def compute_task(source: TensorSource, task: Task) -> dict[str, torch.Tensor]:
-    """Read the task's source tensors (memory-mapped), apply its op and dtype cast."""
+def compute_task(source: TensorSource, task: Task, checks: DataChecks | None = None) -> dict[str, torch.Tensor]:
+    """Read the task's source tensors (memory-mapped), apply its op and dtype cast; with ``checks``, record
+    NaN/inf in the sources and values a cast or op turned non-finite (one ``aminmax`` per tensor)."""
     tensors = tuple(source.get(k) for k in task.sources)
+    source_bad = checks.record_sources(task.sources, tensors) if checks is not None else 0
     try:
         outs = run_op(task.rule.op, tensors, task.rule.kwargs)
     except ValueError as e:  # a check only the data can fail (e.g. replicated copies that differ)
         raise ConversionError(f"{task.rule.op} refused {list(task.sources)}: {e}") from None
     result = {}
     for name, t, info in zip(task.targets, outs, task.infos):
-        if t.dtype != info.dtype:
+        cast = t.dtype != info.dtype
+        if cast:
             t = t.to(info.dtype)
+        # a rename without a cast hands the source tensor through: it was checked above
+        if checks is not None and t.is_floating_point() and (cast or task.rule.op is not None):
+            checks.record_output(name, task, t, tensors, source_bad, cast)
         t = t.contiguous()
         # a view into a larger storage (op outputs, tensors saved as views) would make safetensors refuse the
         # shard or store the whole storage: give it its own
@@ -169,6 +279,7 @@ def build_plan(
     *,
     format_name: str,
     dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> Plan:
     """Match, check and plan a conversion; raises ``ConversionError`` listing every problem."""
     problems: list[str] = []
@@ -229,8 +340,12 @@ def build_plan(
             else:
                 produced[name] = (task, info)
 
-    # 3. tied weights, decided from the data
+    # 3. dtypes: floating parameters come from floating sources (listed per dtype, names shortened); checked
+    # before the tie decision reads any data
     expected, tied = _meta_model(model_class, config)
+    problems += _dtype_problems(source, tasks, expected, model_class.__name__)
+
+    # 4. tied weights, decided from the data
     tied_out: dict[str, str] = {}
     tie_notes = []
     for target, tied_to in tied.items():
@@ -254,7 +369,7 @@ def build_plan(
             tie_notes.append(f"{target} kept separate (differs from {tied_to}): tie_word_embeddings=False")
             break
 
-    # 4. produced names and shapes == the model's state dict
+    # 5. produced names and shapes == the model's state dict
     for name, (task, info) in produced.items():
         if name in tied_out:
             continue
@@ -289,5 +404,34 @@ def build_plan(
         tie_note="; ".join(tie_notes),
         rule_counts={r: c for r, c in rule_counts.items() if c},
         unused_rules=[r for r, c in rule_counts.items() if not c],
+        allow_nonfinite=allow_nonfinite,
     )
+
+
+def _dtype_problems(source: TensorSource, tasks: list[Task], expected: dict, model_name: str) -> list[str]:
+    """Source tensors whose dtype the target parameters cannot take, one line per dtype."""
+    wrong: dict[torch.dtype, list[str]] = defaultdict(list)
+    mismatched = []
+    for task in tasks:
+        want = [expected[n].dtype for n in task.targets if n in expected]
+        if not want:
+            continue
+        for key in task.sources:
+            have = source.info(key).dtype
+            if any(w.is_floating_point for w in want):
+                if have not in FLOAT_DTYPES:
+                    wrong[have].append(key)
+            elif have not in want:
+                mismatched.append(f"{key!r} is {_dtype(have)} but {model_name} stores {task.targets} as "
+                                  f"{'/'.join(sorted({_dtype(w) for w in want}))}")
+    problems = []
+    for dt, keys in wrong.items():
+        if dt.is_floating_point:  # float8 (and any other exotic float)
+            why = ("quantized float8 data: its scales are not applied by this converter; convert the unquantized "
+                   "release")
+        else:
+            why = (f"{model_name} expects floating-point weights (integer, bool and complex tensors are not converted: "
+                   "a quantized or foreign checkpoint?)")
+        problems.append(f"{len(keys)} source tensor(s) are {_dtype(dt)}: {why}: {_names(keys)}")
+    return problems + mismatched
 

@@ -2,25 +2,37 @@
 
     visualglm-convert --format FORMAT --out DIR [source flags] [--tokenizer PATH]
                       [--dtype keep|float32|float16|bfloat16] [--max-shard-size 5GB] [--force]
+                      [--allow-nonfinite]
 
-Exit codes: 0 success, 1 conversion error (bad or inconsistent input), 2 usage error (including an existing
-``--out`` without ``--force``). The coverage report goes to stdout, progress bars and errors to stderr.
-The folder is built beside ``--out`` and renamed into place only when complete: a failed run leaves
-nothing at ``--out`` (and an existing one untouched).
+Exit codes: 0 success, 1 conversion error (bad or inconsistent input, a full disk), 2 usage error (including
+an existing ``--out`` without ``--force``, an ``--out`` this tool did not write, and an ``--out`` that is,
+contains or lies inside a source). Every error is one line (or one message listing every problem), never a
+traceback. The coverage report goes to stdout, progress bars, warnings and errors to stderr.
+
+A source is never written to. The folder is built beside ``--out`` and renamed into place only when complete:
+a failed or interrupted run (SIGINT, SIGTERM, SIGHUP) leaves nothing at ``--out`` (and an existing one
+untouched); the temporary folder of a run killed outright (SIGKILL) is removed by the next run.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from .apply import DTYPES, build_plan, human_bytes
-from .errors import ConversionError, UsageError
+from .errors import ConversionError, Interrupted, UsageError
 from .formats import FORMATS, SOURCE_FLAGS
 
 PROG = "visualglm-convert"
+# the source flags that name files or folders (every one is protected from being written to)
+PATH_FLAGS = ("src", "base", "delta", "ckpt", "llm", "blip2", "vit", "tokenizer")
+# set to 1 to get the traceback of an unexpected error (a bug) instead of its one-line summary
+TRACEBACK_ENV = "VISUALGLM_CONVERT_TRACEBACK"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +56,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", choices=["keep", *DTYPES],
                    help="cast floating tensors (default keep: each tensor's source dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out once the new folder is complete")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out once the new folder is complete (only a folder this tool wrote)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert source tensors that hold NaN/inf as they are, with a warning (default: an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _existing_ancestors(path: Path):
+    for p in (path, *path.parents):
+        if p.exists():
+            yield p
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def overlap(out: Path, source: Path) -> str | None:
+    """How ``out`` overlaps ``source`` ("is", "contains", "lies inside") or None, comparing the paths as given
+    (absolute), with symlinks resolved, and by file identity (bind mounts, case-insensitive file systems)."""
+    out_abs, src_abs = Path(os.path.abspath(out)), Path(os.path.abspath(source))
+    out_res, src_res = out_abs.resolve(), src_abs.resolve()
+    if out_abs == src_abs or out_res == src_res or _same(out_res, src_res):
+        return "is"
+    if _inside(src_abs, out_abs) or _inside(src_res, out_res) or any(
+            _same(a, out_res) for a in _existing_ancestors(src_res)):
+        return "contains"
+    if _inside(out_abs, src_abs) or _inside(out_res, src_res) or any(
+            _same(a, src_res) for a in _existing_ancestors(out_res)):
+        return "lies inside"
+    return None
+
+
+def check_out(args, out: Path) -> None:
+    """Refuse an ``--out`` that would write to a source, replace a folder this tool did not write, or follow a
+    symlink (all usage errors, before anything is read)."""
+    from hub_export.writer import refuse_reason
+
+    clashes = []
+    for flag in PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        how = overlap(out, Path(value))
+        if how:
+            clashes.append(f"--out {out} {how} the source --{flag.replace('_', '-')} {value}")
+    if clashes:
+        raise UsageError("; ".join(clashes) + ": a source is never written to (with or without --force); "
+                         "choose an --out outside every source", show_usage=False)
+    reason = refuse_reason(out, args.force)
+    if reason is not None:
+        raise UsageError(reason, show_usage=False)
 
 
 def run(args) -> int:
@@ -60,25 +129,35 @@ def run(args) -> int:
     except ValueError as e:
         raise UsageError(f"--max-shard-size: {e}") from None
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UsageError(f"--out {out} already exists; pass --force to replace it (it is left untouched)")
+    check_out(args, out)
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     start = time.perf_counter()
-    with staged_output(out, force=args.force) as tmp:
-        loaded = fmt.load(args)
+    # read and check everything before anything is created beside --out
+    loaded = fmt.load(args)
+    try:
+        plan = build_plan(loaded.source, loaded.rules, loaded.config, loaded.model_class,
+                          format_name=fmt.name, dtype=dtype, allow_nonfinite=args.allow_nonfinite)
+        print(plan.coverage_report())
+        for note in loaded.notes:
+            print(f"  note: {note}")
+        sys.stdout.flush()
         try:
-            plan = build_plan(loaded.source, loaded.rules, loaded.config, loaded.model_class,
-                              format_name=fmt.name, dtype=dtype)
-            print(plan.coverage_report())
-            for note in loaded.notes:
-                print(f"  note: {note}")
-            sys.stdout.flush()
-            if loaded.family is None:  # a model transformers itself implements: no remote code
-                result = _write_plain(tmp, loaded, plan, max_shard, args)
-            else:
-                result = _write_hub(tmp, loaded, plan, max_shard, args, out, fmt)
-        finally:
-            loaded.source.close()
+            with staged_output(out, force=args.force, marker={"format": fmt.name}) as tmp:
+                if loaded.family is None:  # a model transformers itself implements: no remote code
+                    result = _write_plain(tmp, loaded, plan, max_shard, args)
+                else:
+                    result = _write_hub(tmp, loaded, plan, max_shard, args, out, fmt)
+                warnings = plan.finish_data_checks()  # raises (and the folder is dropped) on overflow / NaN
+        except OSError as e:
+            raise ConversionError(write_error(e, out, plan)) from None
+        except Exception as e:  # noqa: BLE001 - safetensors' Rust errors wrap I/O failures
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise ConversionError(write_error(e, out, plan)) from None
+    finally:
+        loaded.source.close()
+    for w in warnings:
+        print(f"{PROG}: warning: {w}", file=sys.stderr)
     took = time.perf_counter() - start
     code = f"; code: {', '.join(result.code_files)}" if hasattr(result, "code_files") else " (plain transformers folder)"
     print(f"wrote {out} in {took:.1f}s: {len(result.weight_files)} weight file(s), "
@@ -90,6 +169,27 @@ def run(args) -> int:
             print(f"WARNING: {out} is INCOMPLETE (no tokenizer): re-run with --tokenizer; "
                   "`visualglm-export check` fails on it until then")
     return 0
+
+
+def write_error(e: Exception, out: Path, plan=None) -> str:
+    """One line for an I/O failure while the output was written (nothing is left at --out by then)."""
+    text = str(e)
+    code = getattr(e, "errno", None)
+    if code is None and "(os error " in text:  # safetensors: "...: No space left on device (os error 28)"
+        try:
+            code = int(text.rsplit("(os error ", 1)[1].split(")")[0])
+        except ValueError:
+            code = None
+    need = f" (the weights alone need about {human_bytes(sum(i.nbytes for i in plan.target_infos.values()))})" \
+        if plan is not None else ""
+    where = Path(os.path.abspath(out)).parent
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
+        return f"{what} holding {where} while writing{need}; nothing was written to --out {out}"
+    strerror = getattr(e, "strerror", None) or (os.strerror(code) if code else text)
+    name = getattr(e, "filename", None)
+    return f"cannot write the output beside --out {out}{f' ({name})' if name else ''}: {strerror}; " \
+           "nothing was written to --out"
 
 
 def _write_plain(tmp, loaded, plan, max_shard, args):
@@ -129,21 +229,67 @@ def _write_hub(tmp, loaded, plan, max_shard, args, out, fmt):
     )
 
 
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM and SIGHUP raise ``Interrupted`` (SIGINT already raises KeyboardInterrupt), so the temporary
+    folder is removed on the way out. Returns the previous handlers."""
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+        except ValueError:  # not the main thread: leave the defaults
+            pass
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits with 2 on usage errors
+    from hub_export.writer import OutputRefused
+
+    previous = _install_signal_handlers()
     try:
         return run(args)
-    except UsageError as e:
-        parser.print_usage(sys.stderr)
+    except (UsageError, OutputRefused) as e:
+        if getattr(e, "show_usage", False):
+            parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except ConversionError as e:
         print(f"{PROG}: conversion failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written to --out", file=sys.stderr)
-        return 130
+    except OSError as e:  # reading a source: a permission, an I/O error of the disk
+        name = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"{PROG}: conversion failed: {name}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        sig = signal.Signals(signum).name
+        if getattr(e, "output_written", False):
+            print(f"{PROG}: {sig} arrived as the output was completed: {args.out} is written", file=sys.stderr)
+        else:
+            print(f"{PROG}: interrupted ({sig}); nothing was written to --out", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback on request
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        where = ""
+        tb = e.__traceback__
+        while tb is not None:
+            where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        print(f"{PROG}: internal error (a bug; please report it): {type(e).__name__}: {str(e)[:300]}{where}; "
+              f"set {TRACEBACK_ENV}=1 for the traceback", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

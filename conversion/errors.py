@@ -20,4 +20,17 @@ class ConversionError(Exception):
 
 
 class UsageError(Exception):
-    """A command-line mistake (CLI exit code 2)."""
+    """A command-line mistake (CLI exit code 2). ``show_usage=False`` for mistakes the usage text does not help
+    with (an ``--out`` that is refused): the error line alone is printed."""
+
+    def __init__(self, message: str, show_usage: bool = True):
+        self.show_usage = show_usage
+        super().__init__(message)
+
+
+class Interrupted(BaseException):
+    """SIGTERM / SIGHUP turned into an exception (like SIGINT's KeyboardInterrupt), so that cleanup runs."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)

@@ -11,7 +11,6 @@ the few data-only globals that SAT / DeepSpeed checkpoints contain (see :data:`S
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -73,22 +72,63 @@ def _sat_safe_globals() -> list:
 
 SAT_SAFE_GLOBALS = _sat_safe_globals()
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_GOT = re.compile(r"but got (<class '[\w.]+'>|[\w.]+)")
+
+
+def verify_zip_members(path: Path) -> None:
+    """Check a ``torch.save`` zip before it is memory-mapped: every member stored uncompressed, and the data of
+    every member against the CRC-32 its zip entry records (one sequential read of the file).
+
+    ``torch.load`` checks neither: a memory-mapped load returns flipped bytes as a different weight, and a
+    re-zipped (deflate) file's compressed bytes as garbage. Members with a recorded CRC of 0 (``torch.save``
+    with ``torch.utils.serialization.config.save.compute_crc32 = False``) cannot be checked and are skipped.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ConversionError(
+                        f"{path}: member {info.filename} is compressed (zip method {info.compress_type}); torch.save "
+                        "stores every member uncompressed and a memory-mapped load would read the compressed bytes "
+                        "as weights. Re-save the checkpoint with torch.save")
+            for info in infos:
+                if info.CRC == 0:
+                    continue
+                with zf.open(info) as member:  # zipfile compares the CRC-32 when the member is read to its end
+                    while member.read(1 << 24):
+                        pass
+    except zipfile.BadZipFile as e:
+        text = str(e)
+        if "CRC" in text:
+            raise ConversionError(f"{path}: corrupt: {text} (the data differs from what was saved: a damaged copy "
+                                  "or download; fetch it again)") from None
+        raise ConversionError(f"{path}: truncated or corrupt (an incomplete download?): {text[:200]}") from None
+    except (EOFError, ValueError, NotImplementedError) as e:  # zipfile's other complaints about a damaged file
+        raise ConversionError(f"{path}: truncated or corrupt (an incomplete download?): "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
 
 
 def load_torch_file(path: str | os.PathLike, extra_safe_globals: list | None = None):
     """``torch.load`` a checkpoint memory-mapped, refusing any code in the pickle.
 
-    Raises ``ConversionError`` with a specific message for missing, truncated, non-PyTorch and unsafe files.
+    Zip checkpoints are verified first (:func:`verify_zip_members`: CRC-32 of every member). Raises
+    ``ConversionError`` with a specific message for missing, truncated, corrupt, non-PyTorch and unsafe files.
     """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
     allowed = SAT_SAFE_GLOBALS + list(extra_safe_globals or [])
-    is_zip = zipfile.is_zipfile(path)
-    with open(path, "rb") as f:
-        # torch.save's format is a zip archive; one that starts like a zip but has no central directory
-        # (which sits at the end) was cut short
-        looks_zip = f.read(4) == b"PK\x03\x04"
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        with open(path, "rb") as f:
+            # torch.save's format is a zip archive; one that starts like a zip but has no central directory
+            # (which sits at the end) was cut short
+            looks_zip = f.read(4) == b"PK\x03\x04"
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if is_zip:
+        verify_zip_members(path)
     try:
         with torch.serialization.safe_globals(allowed):
             # files of torch < 1.6 (legacy format) cannot be memory-mapped; they are read into memory
@@ -96,12 +136,16 @@ def load_torch_file(path: str | os.PathLike, extra_safe_globals: list | None = N
     except Exception as e:  # torch/pickle raise many types for bad files; classify them for the user
         text = str(e)
         found = _GLOBAL.search(text)
-        if found or (isinstance(e, pickle.UnpicklingError) and "unsupported" in text.lower()):
-            what = f"the global {found.group(1)}" if found else "an object outside the allow-list"
+        refused = "Weights only load failed" in text or "WeightsUnpickler error" in text
+        if found or refused or (isinstance(e, pickle.UnpicklingError) and "unsupported" in text.lower()):
+            got = _GOT.search(text)
+            what = (f"the global {found.group(1)}" if found else f"{got.group(1)}" if got
+                    else "an object outside the allow-list")
             raise ConversionError(
-                f"{path}: refusing to load: the pickle references {what}, which could run code. Only tensors, "
-                "containers and the data-only globals of SAT/DeepSpeed checkpoints are accepted (torch.load "
-                "weights_only=True). Re-save the checkpoint as a plain state dict if you trust it."
+                f"{path}: refusing to load: it contains pickled code/objects that weights_only loading refuses "
+                f"({what}, which could run code or is not plain data). Only tensors, containers and the "
+                "data-only globals of SAT/DeepSpeed checkpoints are accepted (torch.load weights_only=True). "
+                "Re-save the checkpoint as a plain state dict if you trust it."
             ) from None
         msg = f"{type(e).__name__}: " + text.strip().split("\n")[-1][:300]
         if is_zip or looks_zip:
@@ -149,10 +193,32 @@ class TensorSource:
 def _check_state_dict(path, sd) -> dict:
     if not isinstance(sd, dict):
         raise ConversionError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    problems = []
+    bad_keys = [k for k in sd if not isinstance(k, str)]
+    if bad_keys:
+        problems.append(f"keys that are not strings: {bad_keys[:10]!r}{' ...' if len(bad_keys) > 10 else ''}")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ConversionError(f"{path}: entries that are not tensors: {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+        problems.append(f"entries that are not tensors: {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    odd = [f"{k} ({_odd_tensor(v)})" for k, v in sd.items() if isinstance(v, torch.Tensor) and _odd_tensor(v)]
+    if odd:
+        problems.append(f"tensors that are not dense CPU tensors: {odd[:10]}{' ...' if len(odd) > 10 else ''}")
+    if len(problems) == 1:
+        raise ConversionError(f"{path}: {problems[0]}")
+    if problems:
+        raise ConversionError(problems, header=f"cannot read {path}")
     return sd
+
+
+def _odd_tensor(t: torch.Tensor) -> str:
+    """Why ``t`` cannot be converted as a plain weight ('' if it can)."""
+    if t.layout != torch.strided:
+        return f"layout {t.layout}"
+    if t.is_quantized:
+        return "quantized"
+    if t.device.type != "cpu":
+        return f"device {t.device.type}"
+    return ""
 
 
 class StateDictSource(TensorSource):
@@ -199,13 +265,25 @@ def torch_file_source(path: str | os.PathLike, subkey: str | None = None) -> Sta
 
 
 def read_index(index_path: Path) -> dict[str, str]:
+    """``weight_map`` of a shard index: tensor name → a shard file name inside the index's folder."""
+    from .validate import json_type, read_json_object
+
     try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"{index_path}: not a valid shard index ({e})") from None
+        index = read_json_object(index_path)
+    except ConversionError as e:
+        raise ConversionError(f"not a valid shard index: {e}") from None
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
-        raise ConversionError(f"{index_path}: 'weight_map' is not a mapping")
+        raise ConversionError(f"{index_path}: 'weight_map' must be an object, got {json_type(weight_map)}")
+    problems = []
+    for k, v in weight_map.items():
+        if not isinstance(v, str):
+            problems.append(f"weight_map[{k!r}] must be a file name (a string), got {v!r} ({json_type(v)})")
+        elif v in ("", ".", "..") or Path(v).name != v or "\\" in v or "\0" in v:
+            problems.append(f"weight_map[{k!r}] = {v!r} is not a file name in {index_path.parent} "
+                            "(shards must sit beside the index)")
+    if problems:
+        raise ConversionError(problems, header=f"{index_path} is not a valid shard index")
     return weight_map
 
 
@@ -248,11 +326,21 @@ def sharded_torch_source(folder: Path, index_name: str, single_name: str) -> Sta
     return src
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+def _safetensors_dtypes() -> dict:
+    """Every dtype name of the safetensors format → the torch dtype (None where this torch has none)."""
+    names = {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+        "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+        "C64": "complex64", "F4": None, "F6_E2M3": None, "F6_E3M2": None,
+    }
+    return {k: getattr(torch, v, None) if v else None for k, v in names.items()}
+
+
+# read all; the dtype policy (conversion.apply) decides which ones a model takes
+_ST_DTYPES = _safetensors_dtypes()
 
 
 class SafetensorsSource(TensorSource):
@@ -277,8 +365,14 @@ class SafetensorsSource(TensorSource):
                     problems.append(f"tensor {k!r} appears in both {self._where[k]} and {path}")
                     continue
                 sl = handle.get_slice(k)
+                dtype = _ST_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    known = ", ".join(n for n, d in _ST_DTYPES.items() if d is not None)
+                    problems.append(f"{path}: tensor {k!r} has dtype {sl.get_dtype()}, which this converter cannot "
+                                    f"read (it reads {known})")
+                    continue
                 self._where[k] = path
-                self._infos[k] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()])
+                self._infos[k] = TensorInfo(tuple(sl.get_shape()), dtype)
         if problems:
             raise ConversionError(problems, header=f"cannot read {description}")
 

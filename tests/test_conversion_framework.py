@@ -19,7 +19,7 @@ from conversion.rules import convert, drop, rename
 from conversion.sources import SafetensorsSource, load_torch_file, sharded_torch_source, torch_file_source
 from hub_export.code import import_closure
 from hub_export.weights import parse_size, write_safetensors_shards
-from hub_export.writer import staged_output
+from hub_export.writer import OUTPUT_MARKER, OutputRefused, staged_output
 
 
 # --- rule templates ------------------------------------------------------------------------------------
@@ -378,8 +378,13 @@ def test_staged_output_success_failure_and_force(tmp_path):
     assert (out / "a").read_text() == "new"  # untouched by the failed forced run
     with staged_output(out, force=True) as tmp:
         (tmp / "b").write_text("replaced")
-    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "b"]  # the marker --force looks for
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with pytest.raises(OutputRefused, match="did not write"):
+        with staged_output(foreign, force=True):
+            pass
 
 
 def test_import_closure_follows_relative_imports_only(tmp_path):

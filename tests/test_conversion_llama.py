@@ -397,7 +397,7 @@ def test_folder_contents_config_and_tokenizer(converted, spm_file, capsys, check
     folder = converted["llama2", 2]
     files = {p.name for p in folder.iterdir()}
     assert files == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json", "tokenizer.model"}
+                     "tokenizer_config.json", "tokenizer.model", ".visualglm-convert"}  # + the converter's marker
     assert (folder / "tokenizer.model").read_bytes() == spm_file.read_bytes()
     cfg = AutoConfig.from_pretrained(folder)
     assert cfg.architectures == ["LlamaForCausalLM"] and cfg.model_type == "llama"

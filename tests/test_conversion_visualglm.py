@@ -39,7 +39,7 @@ from conversion.cli import main as convert_main
 from hub_export.check import blocker_source
 from hub_export.code import import_closure
 from hub_export.families import package_dir
-from hub_export.writer import INCOMPLETE_MARKER
+from hub_export.writer import INCOMPLETE_MARKER, OUTPUT_MARKER
 
 PY = sys.executable
 THREADS = torch.get_num_threads()
@@ -508,7 +508,8 @@ def test_push_to_fake_hub_then_from_pretrained(converted, ours, tiny_tokenizer, 
         sha = hub.state.repos["test-org/tiny-visualglm"].branches["main"]
         assert url == f"{hub.endpoint}/test-org/tiny-visualglm/commit/{sha}"
         remote = hub.files("test-org/tiny-visualglm")
-        local = {p.name: p.read_bytes() for p in out.iterdir()}
+        # the converter's marker describes this local copy: push leaves it out
+        local = {p.name: p.read_bytes() for p in out.iterdir() if p.name != OUTPUT_MARKER}
         assert set(remote) - {".gitattributes"} == set(local)
         for name, data in local.items():
             if name != "README.md":
@@ -652,13 +653,21 @@ def test_existing_out_is_untouched_unless_forced(sources, tiny_tokenizer_dir, tm
     rc, _, err = convert_in_process(sources["sat-blocked"], out, capsys, tokenizer=tiny_tokenizer_dir)
     assert rc == 2 and "already exists; pass --force" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    # --force replaces only a folder this tool wrote (it carries OUTPUT_MARKER)
+    rc, _, err = convert_in_process(sources["sat-blocked"], out, capsys, "--force", tokenizer=tiny_tokenizer_dir)
+    assert rc == 2 and "visualglm-convert did not write" in err and OUTPUT_MARKER in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    ours = tmp_path / "ours"
+    assert convert_in_process(sources["sat-blocked"], ours, capsys, tokenizer=tiny_tokenizer_dir)[0] == 0
+    (ours / "keep.txt").write_text("precious")
     # --force with a failing source still leaves it untouched; with a good one it is replaced
     bad = copy_sat(sources["sat-blocked"], tmp_path / "bad", edit=_del("transformer.final_layernorm.bias"))
-    rc, _, _ = convert_in_process(bad, out, capsys, "--force", tokenizer=tiny_tokenizer_dir)
-    assert rc == 1 and (out / "keep.txt").read_text() == "precious"
-    rc, _, _ = convert_in_process(sources["sat-blocked"], out, capsys, "--force", tokenizer=tiny_tokenizer_dir)
-    assert rc == 0 and not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "out"]
+    rc, _, _ = convert_in_process(bad, ours, capsys, "--force", tokenizer=tiny_tokenizer_dir)
+    assert rc == 1 and (ours / "keep.txt").read_text() == "precious"
+    rc, _, _ = convert_in_process(sources["sat-blocked"], ours, capsys, "--force", tokenizer=tiny_tokenizer_dir)
+    assert rc == 0 and not (ours / "keep.txt").exists() and (ours / "config.json").exists()
+    assert (ours / OUTPUT_MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "ours", "out"]
 
 
 def test_missing_tokenizer_marks_the_folder_incomplete(sources, tmp_path, capsys):

@@ -17,7 +17,6 @@ the original code used.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from hub_export.families import COGVLM
@@ -25,6 +24,8 @@ from hub_export.families import COGVLM
 from ..errors import ConversionError
 from ..rules import drop, rename
 from ..sources import hf_folder_source, torch_file_source
+from ..validate import (MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config, is_int,
+                        raise_if, read_json_object, read_latest)
 from .base import Format, Loaded, existing_dir
 from .llama import load_tokenizer_folder, tokenizer_files
 
@@ -114,121 +115,116 @@ def sat_rules() -> list:
 
 # --- config ----------------------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ConversionError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
+def _hidden_act(f: Fields, default: str):
+    from transformers.activations import ACT2FN
+
+    return f.str("hidden_act", default=default, choices=tuple(sorted(ACT2FN)))
 
 
-def _need(args: dict, keys: tuple[str, ...], where: str, problems: list):
-    """The first of ``keys`` present in ``args`` (aliases of one setting), or a problem."""
-    for key in keys:
-        if args.get(key) is not None:
-            return args[key]
-    problems.append(f"{where} has no {' / '.join(repr(k) for k in keys)}")
-    return None
-
-
-def _square(size, where: str, problems: list):
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or size[0] != size[1]:
-            problems.append(f"{where}: image_size {size} is not square; only square inputs are supported")
-            return None
-        size = size[0]
-    return size
-
-
-def cogvlm_config(text: dict, vision: dict, *, version: str, where: str, tokenizer, hf: bool):
-    """``CogVLMConfig`` from THUDM's HF ``config.json`` (``hf``) or SAT's ``model_config.json`` arguments."""
+def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
+    """``CogVLMConfig`` from THUDM's HF ``config.json`` (``hf``: ``vision_config``) or SAT's ``model_config.json``
+    (``eva_args``). Types, ranges and the relations between fields are checked first; every problem is
+    reported in one ``ConversionError``."""
     from modeling_visualglm.configuration_cogvlm import CogVLMConfig
+    from modeling_visualglm.processing_cogvlm import TEMPLATES
 
     problems: list[str] = []
-    vwhere = f"{where} ({'vision_config' if hf else 'eva_args'})"
+    t_f = Fields(text, where, problems)
+    vf = t_f.section("vision_config" if hf else "eva_args")
     if hf:
+        v_hidden = vf.int("hidden_size", max=MAX_WIDTH)
+        v_heads = vf.int(("num_heads", "num_attention_heads"), max=MAX_WIDTH)
         v = dict(
-            image_size=_square(_need(vision, ("image_size",), vwhere, problems), vwhere, problems),
-            patch_size=_need(vision, ("patch_size",), vwhere, problems),
-            num_channels=vision.get("in_channels", 3),
-            hidden_size=_need(vision, ("hidden_size",), vwhere, problems),
-            intermediate_size=_need(vision, ("intermediate_size",), vwhere, problems),
-            num_hidden_layers=_need(vision, ("num_hidden_layers",), vwhere, problems),
-            num_attention_heads=_need(vision, ("num_heads", "num_attention_heads"), vwhere, problems),
-            layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
-            hidden_act=vision.get("hidden_act", "gelu"),
+            image_size=vf.image_size(),
+            patch_size=vf.int("patch_size", max=MAX_IMAGE),
+            num_channels=vf.int("in_channels", default=3, max=64),
+            hidden_size=v_hidden,
+            intermediate_size=vf.int("intermediate_size", max=MAX_WIDTH),
+            num_hidden_layers=vf.int("num_hidden_layers", max=MAX_LAYERS),
+            num_attention_heads=v_heads,
+            layer_norm_eps=vf.number("layer_norm_eps", default=1e-6, max=1.0),
+            hidden_act=_hidden_act(vf, "gelu"),
         )
-        positions = vision.get("num_positions")
+        positions = vf.int("num_positions", required=False, max=MAX_POSITIONS)
     else:
         for key, want in {"layernorm_order": "post", "use_final_layernorm": False, "pre_len": 1,
                           "post_len": 0}.items():
-            if key in vision and vision[key] != want:
-                problems.append(f"{vwhere}: {key}={vision[key]!r} is not EVA2-CLIP-E's ({want!r}); unsupported")
-        hidden = _need(vision, ("hidden_size",), vwhere, problems)
+            if key in vf.data and vf.data[key] != want:
+                problems.append(f"{vf.where}: {key}={vf.data[key]!r} is not EVA2-CLIP-E's ({want!r}); unsupported")
+        v_hidden = vf.int("hidden_size", max=MAX_WIDTH)
+        v_heads = vf.int("num_attention_heads", max=MAX_WIDTH)
         v = dict(
-            image_size=_square(_need(vision, ("image_size",), vwhere, problems), vwhere, problems),
-            patch_size=vision.get("patch_size", 14),
-            num_channels=vision.get("in_channels", 3),
-            hidden_size=hidden,
-            intermediate_size=vision.get("inner_hidden_size") or 4 * (hidden or 0),
-            num_hidden_layers=_need(vision, ("num_layers",), vwhere, problems),
-            num_attention_heads=_need(vision, ("num_attention_heads",), vwhere, problems),
+            image_size=vf.image_size(),
+            patch_size=vf.int("patch_size", default=14, max=MAX_IMAGE),
+            num_channels=vf.int("in_channels", default=3, max=64),
+            hidden_size=v_hidden,
+            intermediate_size=vf.int("inner_hidden_size", default=4 * (v_hidden or 0) or None, max=MAX_WIDTH),
+            num_hidden_layers=vf.int("num_layers", max=MAX_LAYERS),
+            num_attention_heads=v_heads,
             # SAT's BaseTransformer default; CogVLM's eva_args set 1e-6
-            layer_norm_eps=vision.get("layernorm_epsilon", 1e-5),
+            layer_norm_eps=vf.number("layernorm_epsilon", default=1e-5, max=1.0),
         )
-        positions = vision.get("max_sequence_length")
+        positions = vf.int("max_sequence_length", required=False, max=MAX_POSITIONS)
+    vf.divisible("hidden_size", v_hidden, "num_attention_heads", v_heads)
     v.update(qkv_bias=True, layernorm_order="post_sublayer", use_post_layernorm=False, drop_cls_token=True)
-    if v["image_size"] and v["patch_size"]:
+    if v["image_size"] and v["patch_size"] and vf.divisible("image_size", v["image_size"], "patch_size",
+                                                            v["patch_size"]):
         grid = v["image_size"] // v["patch_size"]
         if positions is not None and positions != grid * grid + 1:
-            problems.append(f"{vwhere}: {positions} positions but a {v['image_size']} px image with patch "
+            problems.append(f"{vf.where}: {positions} positions but a {v['image_size']} px image with patch "
                             f"{v['patch_size']} has {grid}x{grid} patches + CLS = {grid * grid + 1}")
         if version == "cogvlm2" and grid % 2:
-            problems.append(f"{vwhere}: CogVLM2's 2x2 conv needs an even patch grid, got {grid}x{grid}")
+            problems.append(f"{vf.where}: CogVLM2's 2x2 conv needs an even patch grid, got {grid}x{grid}")
 
-    heads = _need(text, ("num_attention_heads",), where, problems)
-    hidden = _need(text, ("hidden_size",), where, problems)
+    heads = t_f.int("num_attention_heads", max=MAX_WIDTH)
+    hidden = t_f.int("hidden_size", max=MAX_WIDTH)
+    # CogVLM2's grouped-query heads are called num_multi_query_heads in THUDM's code
+    kv_heads = t_f.int(("num_multi_query_heads", "num_key_value_heads"), default=heads, required=False,
+                       max=MAX_WIDTH)
+    if t_f.divisible("hidden_size", hidden, "num_attention_heads", heads) and hidden and heads \
+            and (hidden // heads) % 2:
+        problems.append(f"{where}: head dim {hidden // heads} is odd; rotary embeddings need an even one")
+    t_f.divisible("num_attention_heads", heads, "key/value heads", kv_heads)
+    vocab = t_f.int("vocab_size", max=MAX_VOCAB)
     t = dict(
-        vocab_size=_need(text, ("vocab_size",), where, problems),
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=(_need(text, ("intermediate_size",), where, problems) if hf
-                           else _need(text, ("inner_hidden_size",), where, problems)),
-        num_hidden_layers=_need(text, ("num_hidden_layers",) if hf else ("num_layers",), where, problems),
+        intermediate_size=t_f.int("intermediate_size" if hf else "inner_hidden_size", max=MAX_WIDTH),
+        num_hidden_layers=t_f.int("num_hidden_layers" if hf else "num_layers", max=MAX_LAYERS),
         num_attention_heads=heads,
-        # CogVLM2's grouped-query heads are called num_multi_query_heads in THUDM's code
-        num_key_value_heads=text.get("num_multi_query_heads") or text.get("num_key_value_heads") or heads,
-        rope_theta=float(text.get("rope_theta") or ROPE_THETA[version]),
-        rms_norm_eps=text.get("rms_norm_eps" if hf else "layernorm_epsilon") or 1e-5,
-        max_position_embeddings=text.get("max_position_embeddings" if hf else "max_sequence_length")
-        or (2048 if version == "cogvlm" else 8192),
+        num_key_value_heads=kv_heads,
+        rope_theta=t_f.number("rope_theta", default=ROPE_THETA[version]),
+        rms_norm_eps=t_f.number("rms_norm_eps" if hf else "layernorm_epsilon", default=1e-5, max=1.0),
+        max_position_embeddings=t_f.int("max_position_embeddings" if hf else "max_sequence_length",
+                                        default=2048 if version == "cogvlm" else 8192, max=MAX_POSITIONS),
         vision_qkv_bias=version == "cogvlm2",
-        hidden_act=text.get("hidden_act", "silu"),
+        hidden_act=_hidden_act(t_f, "silu"),
     )
-    if version == "cogvlm2" and t["num_key_value_heads"] == heads:
+    if version == "cogvlm2" and heads is not None and kv_heads == heads:
         problems.append(f"{where}: the checkpoint has CogVLM2's conv but no num_multi_query_heads (8 KV heads)")
-    if not hf and text.get("use_bias"):
+    if not hf and t_f.bool("use_bias", default=False):
         problems.append(f"{where}: use_bias=true; CogVLM's language linears have no bias")
     defaults = {"bos_token_id": (1, 128000), "eos_token_id": (2, 128001), "pad_token_id": (0, 128002)}
     for key, (v1, v2) in defaults.items():
         from_cfg = text.get(key)
+        if isinstance(from_cfg, list) and key == "eos_token_id":  # a list of stop ids: the config keeps the first
+            ok = bool(from_cfg) and all(is_int(i) and 0 <= i < MAX_VOCAB for i in from_cfg)
+            if not ok:
+                problems.append(f"{where}: eos_token_id must be an integer >= 0 or a list of them, got {from_cfg!r}")
+            from_cfg = from_cfg[0] if ok else None
+        else:
+            from_cfg = t_f.int(key, required=False, min=0, max=MAX_VOCAB)
         from_tok = getattr(tokenizer, key, None) if tokenizer is not None else None
         if key != "pad_token_id" and from_cfg is not None and from_tok is not None and from_cfg != from_tok:
             problems.append(f"{where}: {key}={from_cfg} but the tokenizer's is {from_tok} (wrong tokenizer?)")
         t[key] = from_cfg if from_cfg is not None else from_tok if from_tok is not None else (
             v1 if version == "cogvlm" else v2)
-    if isinstance(t["eos_token_id"], list):  # a list of stop ids: the config keeps the first
-        t["eos_token_id"] = t["eos_token_id"][0]
-    if tokenizer is not None and t["vocab_size"] and len(tokenizer) > t["vocab_size"]:
-        problems.append(f"the tokenizer has {len(tokenizer)} tokens but the model only {t['vocab_size']} "
+    if tokenizer is not None and vocab and len(tokenizer) > vocab:
+        problems.append(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab} "
                         "embedding rows (wrong tokenizer?)")
-    if problems:
-        raise ConversionError(problems, header=f"cannot build a CogVLM config from {where}")
-    return CogVLMConfig(version=version, vision_config=v, text_config=t,
-                        template_version=text.get("template_version", "chat"))
+    template = t_f.str("template_version", default="chat", choices=TEMPLATES)
+    raise_if(problems, f"cannot build a CogVLM config from {where}")
+    return build_config(CogVLMConfig, where, version=version, vision_config=v, text_config=t, template_version=template)
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------
@@ -272,23 +268,21 @@ class SatCogVLM(Format):
 
     def load(self, args) -> Loaded:
         src = existing_dir(args.src, "--src")
-        latest = src / "latest"
-        if not latest.is_file():
-            raise ConversionError(f"{src}: no 'latest' file: not a SAT checkpoint folder "
-                                  "(expected latest, <iter>/mp_rank_00_model_states.pt, model_config.json)")
-        tag = latest.read_text().strip()
-        if not (tag.isdigit() or tag == "release"):
-            raise ConversionError(f"{latest}: expected an iteration number or 'release', found {tag[:40]!r}")
-        args_json = _read_json(src / "model_config.json")
-        mp = args_json.get("model_parallel_size", 1)
+        tag = read_latest(src)
+        where = f"{src}/model_config.json"
+        args_json = read_json_object(src / "model_config.json")
+        problems: list[str] = []
+        top = Fields(args_json, where, problems)
+        mp = top.int("model_parallel_size", default=1)
+        model_class = top.str("model_class", default="CogVLMModel")
+        raise_if(problems, f"cannot read {where}")
         if mp != 1:
             raise ConversionError(f"{src}: model_parallel_size={mp}; merge the model-parallel ranks first "
                                   "(THUDM/CogVLM utils/merge_model.py)")
-        model_class = args_json.get("model_class", "CogVLMModel")
         if "CogVLM" not in model_class:
-            raise ConversionError(f"{src}/model_config.json: model_class {model_class!r} is not a CogVLM model")
+            raise ConversionError(f"{where}: model_class {model_class!r} is not a CogVLM model")
         if not isinstance(args_json.get("eva_args"), dict):
-            raise ConversionError(f"{src}/model_config.json has no eva_args: not a CogVLM checkpoint")
+            raise ConversionError(f"{where} has no eva_args object: not a CogVLM checkpoint")
         ckpt = src / tag / "mp_rank_00_model_states.pt"
         source = torch_file_source(ckpt, subkey="module")
         if any(".matrix_A." in k or ".matrix_B." in k for k in source.keys()):
@@ -298,8 +292,7 @@ class SatCogVLM(Format):
         version = "cogvlm2" if "mixins.eva.conv.weight" in source else "cogvlm"
         tokenizer = load_tokenizer(args.tokenizer, src)
         try:
-            config = cogvlm_config(args_json, args_json["eva_args"], version=version,
-                                   where=f"{src}/model_config.json", tokenizer=tokenizer, hf=False)
+            config = cogvlm_config(args_json, version=version, where=where, tokenizer=tokenizer, hf=False)
         except ConversionError:
             source.close()
             raise
@@ -315,15 +308,14 @@ class HfCogVLM(Format):
 
     def load(self, args) -> Loaded:
         src = existing_dir(args.src, "--src")
-        cfg = _read_json(src / "config.json")
+        cfg = read_json_object(src / "config.json")
         if not isinstance(cfg.get("vision_config"), dict):
             raise ConversionError(f"{src}/config.json has no vision_config: not a CogVLM HF folder")
         source = hf_folder_source(src)
         version = "cogvlm2" if "model.vision.conv.weight" in source else "cogvlm"
         try:
             tokenizer = load_tokenizer(args.tokenizer, src)
-            config = cogvlm_config(cfg, cfg["vision_config"], version=version, where=f"{src}/config.json",
-                                   tokenizer=tokenizer, hf=True)
+            config = cogvlm_config(cfg, version=version, where=f"{src}/config.json", tokenizer=tokenizer, hf=True)
         except ConversionError:
             source.close()
             raise

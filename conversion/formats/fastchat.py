@@ -33,6 +33,7 @@ from pathlib import Path
 from ..errors import ConversionError
 from ..rules import convert, drop
 from ..sources import PrefixedSource, hf_folder_source
+from ..validate import MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config
 from .base import Format, Loaded, existing_dir
 from .llama import SPECIAL_PIECES, find_llama_tokenizer, read_json
 
@@ -59,15 +60,47 @@ def delta_rules(dtype: str | None) -> list:
     ]
 
 
-def _arch(cfg: dict) -> dict:
-    out = {k: cfg.get(k) for k in ARCH_FIELDS}
-    if out["num_key_value_heads"] is None:
-        out["num_key_value_heads"] = out["num_attention_heads"]
-    return out
+def _checked(cfg: dict, where: str, problems: list[str], required: bool) -> dict:
+    """Type/range/relation checks of a transformers Llama ``config.json``; returns the architecture fields."""
+    f = Fields(cfg, where, problems)
+    arch = dict(
+        hidden_size=f.int("hidden_size", required=required, max=MAX_WIDTH),
+        intermediate_size=f.int("intermediate_size", required=required, max=MAX_WIDTH),
+        num_hidden_layers=f.int("num_hidden_layers", required=required, max=MAX_LAYERS),
+        num_attention_heads=f.int("num_attention_heads", required=required, max=MAX_WIDTH),
+    )
+    arch["num_key_value_heads"] = f.int("num_key_value_heads", default=arch["num_attention_heads"], required=False,
+                                        max=MAX_WIDTH)
+    hidden, heads, kv = arch["hidden_size"], arch["num_attention_heads"], arch["num_key_value_heads"]
+    if f.divisible("hidden_size", hidden, "num_attention_heads", heads) and hidden and heads and (hidden // heads) % 2:
+        problems.append(f"{where}: head dim {hidden // heads} is odd; rotary embeddings need an even one")
+    f.divisible("num_attention_heads", heads, "num_key_value_heads", kv)
+    f.number("rms_norm_eps", default=1e-6, max=1.0)
+    f.number("rope_theta", default=10000.0)
+    f.number("initializer_range", default=0.02, max=10.0)
+    f.int(("max_position_embeddings", "max_sequence_length"), default=2048, max=MAX_POSITIONS)
+    f.int("vocab_size", required=False, max=MAX_VOCAB)
+    for key in ("bos_token_id", "eos_token_id"):
+        f.int(key, required=False, min=0, max=MAX_VOCAB)
+    f.int("pad_token_id", required=False, min=-1, max=MAX_VOCAB)  # -1: early conversions' "none"
+    f.str("model_type")
+    f.str("hidden_act")
+    for key in ("rope_scaling", "rope_parameters"):
+        if f.has(key):
+            f.section(key)
+    if f.has("architectures") and not (isinstance(cfg["architectures"], list)
+                                       and all(isinstance(a, str) for a in cfg["architectures"])):
+        problems.append(f"{where}: architectures must be a list of strings, got {cfg['architectures']!r}")
+    return arch
 
 
 def check_configs(base_cfg: dict, delta_cfg: dict | None, base_dir: Path, delta_dir: Path, notes: list[str]):
-    problems = []
+    problems: list[str] = []
+    base_arch = _checked(base_cfg, f"{base_dir}/config.json", problems, required=True)
+    delta_arch = _checked(delta_cfg, f"{delta_dir}/config.json", problems, required=False) \
+        if delta_cfg is not None else None
+    if problems:
+        raise ConversionError(problems, header="the base and delta do not form a Vicuna model")
     for name, cfg in (("base", base_cfg), ("delta", delta_cfg)):
         if cfg is None:
             continue
@@ -81,17 +114,13 @@ def check_configs(base_cfg: dict, delta_cfg: dict | None, base_dir: Path, delta_
         arch = cfg.get("architectures") or []
         if "LLaMAForCausalLM" in arch:
             notes.append(f"{name} config.json says LLaMAForCausalLM (early HF conversion): written as LlamaForCausalLM")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-               if base_cfg.get(k) is None]
-    if missing:
-        problems.append(f"{base_dir}/config.json lacks {missing}")
-    if delta_cfg is not None and not missing:
-        a, b = _arch(base_cfg), _arch(delta_cfg)
-        diff = [f"{k}: base {a[k]}, delta {b[k]}" for k in ARCH_FIELDS if a[k] != b[k]]
+    if delta_arch is not None:
+        diff = [f"{k}: base {base_arch[k]}, delta {delta_arch[k]}" for k in ARCH_FIELDS
+                if delta_arch[k] is not None and base_arch[k] != delta_arch[k]]
         if diff:
             problems.append(f"the delta in {delta_dir} is for a different model than the base in {base_dir} ("
                             + "; ".join(diff) + ")")
-    elif delta_cfg is None:
+    else:
         notes.append(f"{delta_dir} has no config.json: the delta is checked against the base by tensor shapes only")
     if problems:
         raise ConversionError(problems, header="the base and delta do not form a Vicuna model")
@@ -119,7 +148,7 @@ def vicuna_config(base_cfg: dict, *, vocab_size: int, where: str, notes: list[st
 
     rope = base_cfg.get("rope_parameters")
     if not rope:
-        rope = {"rope_type": "default", "rope_theta": float(base_cfg.get("rope_theta", 10000.0))}
+        rope = {"rope_type": "default", "rope_theta": float(base_cfg.get("rope_theta") or 10000.0)}
         scaling = base_cfg.get("rope_scaling")
         if scaling:
             scaling = dict(scaling)
@@ -133,17 +162,18 @@ def vicuna_config(base_cfg: dict, *, vocab_size: int, where: str, notes: list[st
         notes.append(f"{where}: token ids bos {ids['bos_token_id']} / eos {ids['eos_token_id']} / pad "
                      f"{ids['pad_token_id']} (an early HF conversion; MiniGPT-4#339): written as 1 / 2 / none")
     pad = ids["pad_token_id"] if ids["pad_token_id"] not in (-1, None) and ids["pad_token_id"] < vocab_size else None
-    return LlamaConfig(
+    return build_config(
+        LlamaConfig, where,
         vocab_size=vocab_size,
         hidden_size=base_cfg["hidden_size"],
         intermediate_size=base_cfg["intermediate_size"],
         num_hidden_layers=base_cfg["num_hidden_layers"],
         num_attention_heads=base_cfg["num_attention_heads"],
         num_key_value_heads=base_cfg.get("num_key_value_heads") or base_cfg["num_attention_heads"],
-        rms_norm_eps=base_cfg.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=base_cfg.get("rms_norm_eps") or 1e-6,
         max_position_embeddings=max_pos,
         rope_parameters=rope,
-        initializer_range=base_cfg.get("initializer_range", 0.02),
+        initializer_range=base_cfg.get("initializer_range") or 0.02,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=pad if pad not in (1, 2) else None,

@@ -24,7 +24,6 @@ tokenizer) rather than from the tokenizer alone.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ..errors import ConversionError
 from ..plain import TokenizerFiles
 from ..rules import convert, drop, rename
 from ..sources import PrefixedSource, torch_file_source
+from ..validate import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, Fields, build_config, is_int, raise_if, read_json_object
 from .base import Format, Loaded, existing_dir
 
 SPM_FILE = "tokenizer.model"
@@ -111,60 +111,80 @@ def max_positions(params: dict) -> tuple[int, str]:
     (1e6 → 16384, the script's rule). It only bounds the prompt length transformers expects; rotary angles
     do not depend on it.
     """
-    if isinstance(params.get("max_seq_len"), int) and params["max_seq_len"] > 0:
+    if is_int(params.get("max_seq_len")) and params["max_seq_len"] > 0:
         return params["max_seq_len"], "params.json max_seq_len"
-    if params.get("rope_theta", 10000.0) > 10000.0:
+    if (params.get("rope_theta") or 10000.0) > 10000.0:
         return 16384, "rope_theta > 10000 (Code Llama)"
     if params.get("norm_eps") == 1e-6:
         return 2048, "norm_eps 1e-6 (LLaMA-1)"
     return 4096, f"norm_eps {params.get('norm_eps')} (Llama-2)"
 
 
-def llama_config_from_params(params: dict, *, vocab_size: int, bos_token_id: int, eos_token_id: int,
-                             where: str):
-    """``LlamaConfig`` from Meta's ``params.json``; returns (config, notes)."""
-    from transformers import LlamaConfig
-
-    problems = []
-    for key in ("dim", "n_layers", "n_heads", "norm_eps"):
-        if key not in params:
-            problems.append(f"{where} has no {key!r}")
-    if params.get("use_scaled_rope"):
+def read_params(params, where: str, problems: list[str], vocab_size: int | None = None) -> dict:
+    """The fields of ``params.json`` the config needs, type-, range- and relation-checked (problems appended)."""
+    f = Fields(params, where, problems)
+    p = dict(
+        dim=f.int("dim", max=MAX_WIDTH),
+        n_layers=f.int("n_layers", max=MAX_LAYERS),
+        n_heads=f.int("n_heads", max=MAX_WIDTH),
+        norm_eps=f.number("norm_eps", required=True, max=1.0),
+        multiple_of=f.int("multiple_of", default=256, max=MAX_WIDTH),
+        ffn_dim_multiplier=f.number("ffn_dim_multiplier", default=None, required=False, max=64.0),
+        rope_theta=f.number("rope_theta", default=10000.0),
+    )
+    p["n_kv_heads"] = f.int("n_kv_heads", default=p["n_heads"], required=False, max=MAX_WIDTH)
+    declared = f.data.get("vocab_size", -1)
+    if declared not in (-1, None) and (not is_int(declared) or declared < 1):
+        problems.append(f"{where}: vocab_size must be -1 or an integer >= 1, got {declared!r}")
+    elif declared not in (-1, None) and vocab_size is not None and declared != vocab_size:
+        problems.append(f"{where}: vocab_size {declared} but tok_embeddings has {vocab_size} rows")
+    if f.has("max_seq_len"):
+        f.int("max_seq_len", max=MAX_POSITIONS)
+    if f.bool("use_scaled_rope", default=False):
         problems.append(f"{where}: use_scaled_rope (Llama 3.1 rope scaling) is not supported; "
                         "this converter handles LLaMA-1/2 and Code Llama")
-    if problems:
-        raise ConversionError(problems, header=f"cannot build a Llama config from {where}")
-    dim, n_heads = params["dim"], params["n_heads"]
-    n_kv = params.get("n_kv_heads") or n_heads
-    if dim % n_heads:
-        problems.append(f"{where}: dim {dim} is not a multiple of n_heads {n_heads}")
-    elif (dim // n_heads) % 2:
+    dim, n_heads, n_kv = p["dim"], p["n_heads"], p["n_kv_heads"]
+    if f.divisible("dim", dim, "n_heads", n_heads) and dim and n_heads and (dim // n_heads) % 2:
         problems.append(f"{where}: head dim {dim // n_heads} is odd; rotary embeddings need an even one")
-    if n_heads % n_kv:
+    if n_heads and n_kv and n_heads % n_kv:
         problems.append(f"{where}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
-    declared = params.get("vocab_size", -1)
-    if declared not in (-1, None) and declared != vocab_size:
-        problems.append(f"{where}: vocab_size {declared} but tok_embeddings has {vocab_size} rows")
-    if problems:
-        raise ConversionError(problems, header=f"cannot build a Llama config from {where}")
+    if dim and p["multiple_of"] and not problems:
+        inter = intermediate_size(dim, p["multiple_of"], p["ffn_dim_multiplier"])
+        if not 1 <= inter <= MAX_WIDTH:
+            problems.append(f"{where}: the feed-forward width {inter} (from dim, multiple_of, ffn_dim_multiplier) is "
+                            "out of range")
+    return p
+
+
+def llama_config_from_params(params: dict, *, vocab_size: int, bos_token_id: int, eos_token_id: int,
+                             where: str):
+    """``LlamaConfig`` from Meta's ``params.json``; returns (config, notes). Types, ranges and relations are
+    checked first (:func:`read_params`); every problem is reported in one ``ConversionError``."""
+    from transformers import LlamaConfig
+
+    problems: list[str] = []
+    p = read_params(params, where, problems, vocab_size)
+    dim, n_heads, n_kv = p["dim"], p["n_heads"], p["n_kv_heads"]
+    raise_if(problems, f"cannot build a Llama config from {where}")
     max_pos, why = max_positions(params)
-    inter = intermediate_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
-    config = LlamaConfig(
+    inter = intermediate_size(dim, p["multiple_of"], p["ffn_dim_multiplier"])
+    config = build_config(
+        LlamaConfig, where,
         vocab_size=vocab_size,
         hidden_size=dim,
         intermediate_size=inter,
-        num_hidden_layers=params["n_layers"],
+        num_hidden_layers=p["n_layers"],
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv,
-        rms_norm_eps=params["norm_eps"],
+        rms_norm_eps=p["norm_eps"],
         max_position_embeddings=max_pos,
-        rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
+        rope_parameters={"rope_type": "default", "rope_theta": p["rope_theta"]},
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         tie_word_embeddings=False,
     )
     notes = [
-        f"intermediate_size {inter} = multiple_of {params.get('multiple_of', 256)} rounding of "
+        f"intermediate_size {inter} = multiple_of {p['multiple_of']} rounding of "
         f"int({params.get('ffn_dim_multiplier', 1)} x int(8 x {dim} / 3))",
         f"max_position_embeddings {max_pos} from {why}; edit config.json if your model differs",
     ]
@@ -346,17 +366,7 @@ def llama_tokenizer(spm_path: Path, notes: list[str]) -> TokenizerFiles:
 
 def read_json(path: Path, required: bool = True) -> dict | None:
     """A JSON object from ``path``; None for a missing optional file; ConversionError for anything else."""
-    if not path.is_file():
-        if not required:
-            return None
-        raise ConversionError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ConversionError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, required=required)
 
 
 # --- format -----------------------------------------------------------------------------------------------
@@ -385,7 +395,11 @@ class LlamaOriginal(Format):
 
         src = existing_dir(args.src, "--src")
         params = read_json(src / "params.json")
-        params = params.get("model", params)  # some re-exports nest the arguments
+        if isinstance(params.get("model"), dict):  # some re-exports nest the arguments
+            params = params["model"]
+        problems: list[str] = []
+        read_params(params, f"{src}/params.json", problems)  # before any tensor is read
+        raise_if(problems, f"cannot build a Llama config from {src}/params.json")
         files = meta_shards(src)
         parts = [p.name[: -len(".pth")] for p in files]  # "consolidated.00", …
         sources = {}
@@ -435,7 +449,10 @@ class LlamaOriginal(Format):
         key = f"{parts[0]}.tok_embeddings.weight"
         if key not in source:
             raise ConversionError(f"{src}/{parts[0]}.pth has no tok_embeddings.weight: not a Meta LLaMA checkpoint")
-        rows, cols = source.info(key).shape
+        shape = source.info(key).shape
+        if len(shape) != 2:
+            raise ConversionError(f"{src}/{parts[0]}.pth: tok_embeddings.weight is {list(shape)}, not a 2-D table")
+        rows, cols = shape
         dim = params.get("dim")
         if len(parts) == 1:
             return 1, rows

@@ -30,6 +30,7 @@ from ..errors import ConversionError, UsageError
 from ..ops import register
 from ..rules import convert, drop, rename
 from ..sources import PrefixedSource, StateDictSource, hf_folder_source, load_torch_file
+from ..validate import MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config, raise_if
 from .base import Format, Loaded, existing_dir
 from .llama import load_tokenizer_folder, read_json
 
@@ -188,14 +189,58 @@ def _source(name: str, path, sd: dict) -> StateDictSource:
     return src
 
 
+def _indices(sd: dict, prefix: str) -> set[int]:
+    """The numbers N of keys ``prefix + "N." …`` (keys with anything else there are left to the rule table)."""
+    idx = set()
+    for k in sd:
+        if isinstance(k, str) and k.startswith(prefix):
+            head = k[len(prefix):].split(".", 1)[0]
+            if head.isdigit() and head.isascii() and len(head) < 6:
+                idx.add(int(head))
+    return idx
+
+
 def _blocks(sd: dict, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".")[1]) for k in sd if k.startswith(prefix + "blocks.")}
+    idx = _indices(sd, prefix + "blocks.")
     return max(idx) + 1 if idx else 0
 
 
 def _layers(sd: dict, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    idx = _indices(sd, prefix)
     return max(idx) + 1 if idx else 0
+
+
+def _tensor(sd: dict, key: str, ndim: int, what: str) -> torch.Tensor:
+    """``sd[key]`` checked to be a tensor with ``ndim`` dims: the shapes the config is read from."""
+    t = sd.get(key)
+    if not isinstance(t, torch.Tensor):
+        found = "missing" if t is None else f"a {type(t).__name__}, not a tensor"
+        raise ConversionError(f"{what}: {key} is {found}: not the checkpoint this format expects")
+    if t.dim() != ndim or any(n < 1 for n in t.shape):
+        raise ConversionError(f"{what}: {key} has shape {list(t.shape)}; expected {ndim} non-empty dims")
+    return t
+
+
+def _llm_config(cfg: dict, where: str) -> dict:
+    """The Llama ``config.json`` fields MiniGPT-4 reads, type-, range- and relation-checked."""
+    problems: list[str] = []
+    f = Fields(cfg, where, problems)
+    hidden = f.int("hidden_size", max=MAX_WIDTH)
+    heads = f.int("num_attention_heads", max=MAX_WIDTH)
+    kv = f.int("num_key_value_heads", default=heads, required=False, max=MAX_WIDTH)
+    if f.divisible("hidden_size", hidden, "num_attention_heads", heads) and hidden and heads and (hidden // heads) % 2:
+        problems.append(f"{where}: head dim {hidden // heads} is odd; rotary embeddings need an even one")
+    f.divisible("num_attention_heads", heads, "num_key_value_heads", kv)
+    rope = f.section("rope_parameters", required=False)
+    theta = rope.number("rope_theta", default=None, required=False) or f.number("rope_theta", default=10000.0)
+    out = dict(vocab_size=f.int("vocab_size", max=MAX_VOCAB), hidden_size=hidden,
+               intermediate_size=f.int("intermediate_size", max=MAX_WIDTH),
+               num_hidden_layers=f.int("num_hidden_layers", max=MAX_LAYERS), num_attention_heads=heads,
+               num_key_value_heads=kv, rms_norm_eps=f.number("rms_norm_eps", default=1e-6, max=1.0),
+               rope_theta=theta, max_position_embeddings=f.int("max_position_embeddings", default=2048,
+                                                               max=MAX_POSITIONS))
+    raise_if(problems, f"cannot read the language model config {where}")
+    return out
 
 
 class MiniGPT4Format(Format):
@@ -214,15 +259,15 @@ class MiniGPT4Format(Format):
         if args.variant is not None and args.variant not in ("vicuna0", "llama2", "minigptv2"):
             raise UsageError(f"--variant must be vicuna0, llama2 or minigptv2, not {args.variant!r}")
         llm_dir = existing_dir(args.llm, "--llm")
-        llm_cfg = read_json(llm_dir / "config.json")
+        llm_cfg = _llm_config(read_json(llm_dir / "config.json"), f"{llm_dir}/config.json")
         ckpt_path = Path(args.ckpt)
         ckpt = _state_dict(ckpt_path, "--ckpt")
         notes = [f"MiniGPT-4 checkpoint {ckpt_path}, language model {llm_dir}"]
         if "llama_proj.weight" not in ckpt:
             raise ConversionError(f"--ckpt {ckpt_path} has no llama_proj.weight: not a MiniGPT-4 checkpoint "
-                                  f"(found {sorted(ckpt)[:5]})")
-        out_f, in_f = ckpt["llama_proj.weight"].shape
-        has_lora = any(".lora_A." in k or ".lora_B." in k for k in ckpt)
+                                  f"(found {sorted(map(str, ckpt))[:5]})")
+        out_f, in_f = _tensor(ckpt, "llama_proj.weight", 2, f"--ckpt {ckpt_path}").shape
+        has_lora = any(isinstance(k, str) and (".lora_A." in k or ".lora_B." in k) for k in ckpt)
 
         blip2 = _state_dict(Path(args.blip2), "--blip2") if args.blip2 else None
         vit_in_blip2 = blip2 is not None and "visual_encoder.cls_token" in blip2
@@ -232,8 +277,13 @@ class MiniGPT4Format(Format):
         vit_sd, vit_prefix = (blip2, "visual_encoder.") if vit_in_blip2 else (vit, "")
         if vit_prefix + "cls_token" not in vit_sd:
             raise ConversionError(f"{args.vit}: no cls_token: not an EVA ViT state dict")
-        vit_h = vit_sd[vit_prefix + "cls_token"].shape[-1]
-        qf_h = blip2["query_tokens"].shape[-1] if blip2 is not None and "query_tokens" in blip2 else 768
+        vit_what = f"--blip2 {args.blip2}" if vit_in_blip2 else f"--vit {args.vit}"
+        vit_h = _tensor(vit_sd, vit_prefix + "cls_token", 3, vit_what).shape[-1]
+        pos_embed = _tensor(vit_sd, vit_prefix + "pos_embed", 3, vit_what)
+        patch_w = _tensor(vit_sd, vit_prefix + "patch_embed.proj.weight", 4, vit_what)
+        fc1 = _tensor(vit_sd, vit_prefix + "blocks.0.mlp.fc1.weight", 2, vit_what)
+        qf_h = (_tensor(blip2, "query_tokens", 3, f"--blip2 {args.blip2}").shape[-1]
+                if blip2 is not None and "query_tokens" in blip2 else 768)
 
         # the variant, from the projector's shape (and LoRA keys), checked against --variant
         text_h = llm_cfg.get("hidden_size")
@@ -277,32 +327,35 @@ class MiniGPT4Format(Format):
         depth = n_blocks if vit_in_blip2 else n_blocks - 1
         if vit_h == 1408 and depth != 39:
             raise ConversionError(f"the ViT has {n_blocks} blocks; BLIP-2's ViT-g runs 39 (eva_vit_g.pth has 40)")
-        patch = vit_sd[vit_prefix + "patch_embed.proj.weight"].shape[-1]
-        grid = int(round((vit_sd[vit_prefix + "pos_embed"].shape[1] - 1) ** 0.5))
+        patch = patch_w.shape[-1]
+        grid = int(round((pos_embed.shape[1] - 1) ** 0.5))
+        if grid < 1 or grid * grid + 1 != pos_embed.shape[1]:
+            raise ConversionError(f"{vit_what}: pos_embed has {pos_embed.shape[1]} rows, not CLS + a square grid")
         pos_grid = 2 * grid if variant == "minigptv2" else None
         if vit_h % VIT_HEAD_DIM:
             raise ConversionError(f"ViT width {vit_h} is not a multiple of EVA ViT-g's head dim {VIT_HEAD_DIM}")
         vision = dict(image_size=(pos_grid or grid) * patch, patch_size=patch, hidden_size=vit_h,
-                      intermediate_size=vit_sd[vit_prefix + "blocks.0.mlp.fc1.weight"].shape[0],
+                      intermediate_size=fc1.shape[0],
                       num_hidden_layers=depth, num_attention_heads=vit_h // VIT_HEAD_DIM, layer_norm_eps=1e-6,
                       post_layernorm_eps=1e-5)
         qformer = None
         if variant == "vicuna0":
             n_q = _layers(blip2, "Qformer.bert.encoder.layer.")
+            what = f"--blip2 {args.blip2}"
+            if qf_h % BERT_HEAD_DIM or not n_q:
+                raise ConversionError(f"{what}: a Q-Former of width {qf_h} with {n_q} layers is not BLIP-2's "
+                                      f"(BERT-base heads of {BERT_HEAD_DIM})")
+            inter = _tensor(blip2, "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight", 2, what).shape[0]
             qformer = dict(hidden_size=qf_h, num_hidden_layers=n_q, num_attention_heads=qf_h // BERT_HEAD_DIM,
-                           intermediate_size=blip2["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
-                           num_query_tokens=blip2["query_tokens"].shape[1], layer_norm_eps=1e-12,
-                           cross_attention_frequency=2)
-        rope = llm_cfg.get("rope_parameters") or {}
+                           intermediate_size=inter, num_query_tokens=_tensor(blip2, "query_tokens", 3, what).shape[1],
+                           layer_norm_eps=1e-12, cross_attention_frequency=2)
         text = dict(vocab_size=rows, hidden_size=text_h, intermediate_size=llm_cfg["intermediate_size"],
                     num_hidden_layers=llm_cfg["num_hidden_layers"], num_attention_heads=llm_cfg["num_attention_heads"],
-                    num_key_value_heads=llm_cfg.get("num_key_value_heads"),
-                    rms_norm_eps=llm_cfg.get("rms_norm_eps", 1e-6),
-                    rope_theta=float(rope.get("rope_theta", llm_cfg.get("rope_theta", 10000.0))),
-                    max_position_embeddings=llm_cfg.get("max_position_embeddings", 2048), use_visual_experts=False,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=None)
-        config = MiniGPT4Config(variant=variant, vision_config=vision, qformer_config=qformer, text_config=text,
-                                image_token_id=image_token_id)
+                    num_key_value_heads=llm_cfg["num_key_value_heads"], rms_norm_eps=llm_cfg["rms_norm_eps"],
+                    rope_theta=llm_cfg["rope_theta"], max_position_embeddings=llm_cfg["max_position_embeddings"],
+                    use_visual_experts=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        config = build_config(MiniGPT4Config, f"MiniGPT-4 {variant}", variant=variant, vision_config=vision,
+                              qformer_config=qformer, text_config=text, image_token_id=image_token_id)
 
         # sources and rules
         parts = {"ckpt": _source("--ckpt", ckpt_path, ckpt), "llm": hf_folder_source(llm_dir)}

@@ -18,7 +18,6 @@ our blocks too: they are renamed only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from hub_export.families import VISUALGLM
@@ -26,6 +25,8 @@ from hub_export.families import VISUALGLM
 from ..errors import ConversionError
 from ..rules import convert, drop, rename
 from ..sources import sharded_torch_source, torch_file_source
+from ..validate import (MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config, is_int,
+                        raise_if, read_json_object, read_latest)
 from .base import Format, Loaded, existing_dir
 
 TOKENIZER_FILE = "ice_text.model"
@@ -107,78 +108,77 @@ def hf_rules(num_heads: int) -> list:
 
 # --- config ----------------------------------------------------------------------------------------------
 
-def _get(args: dict, key: str, where: str, problems: list, default=None, required=True):
-    if key in args and args[key] is not None:
-        return args[key]
-    if required and default is None:
-        problems.append(f"{where} has no {key!r}")
-    return default
-
-
-def _vision_config(eva: dict, where: str, problems: list) -> dict:
-    hidden = _get(eva, "hidden_size", where, problems)
-    size = _get(eva, "image_size", where, problems, default=[224, 224])
-    if isinstance(size, int):
-        size = [size, size]
-    if len(size) != 2 or size[0] != size[1]:
-        problems.append(f"{where}: image_size {size} is not square; only square inputs are supported")
+def _vision_config(eva: Fields) -> dict:
+    """BLIP-2's EVA ViT-g from SAT's ``eva_args`` (THUDM-HF: ``eva_config``), checked."""
+    hidden = eva.int("hidden_size", max=MAX_WIDTH)
+    heads = eva.int("num_attention_heads", max=MAX_WIDTH)
+    size = eva.image_size(default=224)
+    patch = eva.int("patch_size", default=14, max=MAX_IMAGE)
     checks = {"layernorm_order": "pre", "use_final_layernorm": False, "pre_len": 1, "post_len": 0}
     for key, want in checks.items():
-        if key in eva and eva[key] != want:
-            problems.append(f"{where}: {key}={eva[key]!r} is not BLIP-2's EVA ViT ({want!r}); unsupported")
-    _head_dim_check(eva, where, problems)
+        if key in eva.data and eva.data[key] != want:
+            eva.problems.append(f"{eva.where}: {key}={eva.data[key]!r} is not BLIP-2's EVA ViT ({want!r}); unsupported")
+    eva.divisible("hidden_size", hidden, "num_attention_heads", heads)
+    eva.divisible("image_size", size, "patch_size", patch)
+    _head_dim_check(eva, hidden, heads)
     return dict(
-        image_size=int(size[0]),
-        patch_size=_get(eva, "patch_size", where, problems, default=14),
-        num_channels=eva.get("in_channels", 3),
+        image_size=size,
+        patch_size=patch,
+        num_channels=eva.int("in_channels", default=3, max=64),
         hidden_size=hidden,
-        intermediate_size=eva.get("inner_hidden_size") or 4 * (hidden or 0),
-        num_hidden_layers=_get(eva, "num_layers", where, problems),
-        num_attention_heads=_get(eva, "num_attention_heads", where, problems),
+        intermediate_size=eva.int("inner_hidden_size", default=4 * (hidden or 0) or None, max=MAX_WIDTH),
+        num_hidden_layers=eva.int("num_layers", max=MAX_LAYERS),
+        num_attention_heads=heads,
         # SAT's BaseTransformer default eps is 1e-5; BLIP-2's ViT-g sets 1e-6 in model_config.json
-        layer_norm_eps=eva.get("layernorm_epsilon", 1e-5),
+        layer_norm_eps=eva.number("layernorm_epsilon", default=1e-5, max=1.0),
         use_post_layernorm=True,
         post_layernorm_eps=1e-5,  # nn.LayerNorm default of LNFinalyMixin.ln_vision
     )
 
 
-def _cross_attention_frequency(is_decoder, num_layers: int, where: str, problems: list) -> int:
-    if isinstance(is_decoder, bool) or is_decoder is None:
-        if not is_decoder:
-            problems.append(f"{where}: is_decoder is false: a Q-Former needs cross-attention layers")
+def _cross_attention_frequency(qf: Fields, num_layers: int | None) -> int:
+    is_decoder = qf.bool_list("is_decoder")
+    if not isinstance(is_decoder, list):
+        # SAT's default is False; a wrongly typed value was reported by bool_list already
+        if not is_decoder and isinstance(qf.data.get("is_decoder"), (bool, type(None))):
+            qf.problems.append(f"{qf.where}: is_decoder is false: a Q-Former needs cross-attention layers")
         return 1
+    if num_layers is None:
+        return 2
     if len(is_decoder) != num_layers:
-        problems.append(f"{where}: is_decoder has {len(is_decoder)} entries for {num_layers} layers")
+        qf.problems.append(f"{qf.where}: is_decoder has {len(is_decoder)} entries for {num_layers} layers")
         return 2
     layers = [i for i, x in enumerate(is_decoder) if x]
     freq = layers[1] - layers[0] if len(layers) > 1 else num_layers
     if not layers or layers != list(range(0, num_layers, freq)):
-        problems.append(f"{where}: cross-attention in layers {layers}; only every k-th layer from 0 is supported")
+        qf.problems.append(f"{qf.where}: cross-attention in layers {layers}; only every k-th layer from 0 is supported")
+        return 2
     return freq
 
 
-def _qformer_config(qf: dict, where: str, problems: list) -> dict:
-    hidden = _get(qf, "hidden_size", where, problems)
-    layers = _get(qf, "num_layers", where, problems)
-    if qf.get("layernorm_order", "post") != "post":
-        problems.append(f"{where}: layernorm_order={qf['layernorm_order']!r}; the Q-Former is post-LN")
-    _head_dim_check(qf, where, problems)
+def _qformer_config(qf: Fields) -> dict:
+    hidden = qf.int("hidden_size", max=MAX_WIDTH)
+    heads = qf.int("num_attention_heads", max=MAX_WIDTH)
+    layers = qf.int("num_layers", max=MAX_LAYERS)
+    if qf.str("layernorm_order", default="post") != "post":
+        qf.problems.append(f"{qf.where}: layernorm_order={qf.data['layernorm_order']!r}; the Q-Former is post-LN")
+    qf.divisible("hidden_size", hidden, "num_attention_heads", heads)
+    _head_dim_check(qf, hidden, heads)
     return dict(
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=_get(qf, "num_attention_heads", where, problems),
-        intermediate_size=qf.get("inner_hidden_size") or 4 * (hidden or 0),
-        layer_norm_eps=qf.get("layernorm_epsilon", 1e-5),
-        num_query_tokens=_get(qf, "vocab_size", where, problems),
-        cross_attention_frequency=_cross_attention_frequency(qf.get("is_decoder"), layers or 0, where, problems),
+        num_attention_heads=heads,
+        intermediate_size=qf.int("inner_hidden_size", default=4 * (hidden or 0) or None, max=MAX_WIDTH),
+        layer_norm_eps=qf.number("layernorm_epsilon", default=1e-5, max=1.0),
+        num_query_tokens=qf.int("vocab_size", max=MAX_POSITIONS),
+        cross_attention_frequency=_cross_attention_frequency(qf, layers),
     )
 
 
-def _head_dim_check(args: dict, where: str, problems: list):
-    hd = args.get("hidden_size_per_attention_head")
-    if hd is not None and args.get("hidden_size") and args.get("num_attention_heads"):
-        if hd * args["num_attention_heads"] != args["hidden_size"]:
-            problems.append(f"{where}: hidden_size_per_attention_head={hd} x heads != hidden_size; unsupported")
+def _head_dim_check(args: Fields, hidden, heads):
+    hd = args.int("hidden_size_per_attention_head", default=0, max=MAX_WIDTH, required=False)
+    if hd and is_int(hidden) and is_int(heads) and hd * heads != hidden:
+        args.problems.append(f"{args.where}: hidden_size_per_attention_head={hd} x heads != hidden_size; unsupported")
 
 
 TOKEN_KEYS = {  # config key → tokenizer attribute
@@ -192,65 +192,68 @@ TOKEN_DEFAULTS = {"bos_token_id": 130004, "eos_token_id": 130005, "pad_token_id"
                   "gmask_token_id": 130001}
 
 
-def visualglm_config(glm: dict, eva: dict, qformer: dict, *, where: str, tokenizer, rope_fp16_inv_freq: bool,
-                     image_length=None):
-    """``VisualGLMConfig`` from SAT-style arguments (SAT ``model_config.json`` or THUDM's ``config.json``)."""
+def visualglm_config(glm: dict, *, eva_key: str, qformer_key: str, where: str, tokenizer, rope_fp16_inv_freq: bool):
+    """``VisualGLMConfig`` from SAT-style arguments (SAT ``model_config.json`` with ``eva_args`` /
+    ``qformer_args``, or THUDM's ``config.json`` with ``eva_config`` / ``qformer_config``).
+
+    Every field is type- and range-checked and the relations between fields verified first; all problems
+    are reported in one ``ConversionError``.
+    """
     from modeling_visualglm.configuration_visualglm import VisualGLMConfig
 
     problems: list[str] = []
-    hidden = _get(glm, "hidden_size", where, problems)
-    if glm.get("layernorm_order", "post") != "post":
+    g = Fields(glm, where, problems)
+    hidden = g.int("hidden_size", max=MAX_WIDTH)
+    heads = g.int("num_attention_heads", max=MAX_WIDTH)
+    vocab = g.int("vocab_size", max=MAX_VOCAB)
+    if g.str("layernorm_order", default="post") != "post":
         problems.append(f"{where}: layernorm_order={glm['layernorm_order']!r}; ChatGLM-6B is post-LN")
-    if glm.get("position_encoding_2d", True) is not True:
+    if g.bool("position_encoding_2d", default=True) is not True:
         problems.append(f"{where}: position_encoding_2d is false; only ChatGLM's 2D rotary is supported")
-    _head_dim_check(glm, where, problems)
+    if g.divisible("hidden_size", hidden, "num_attention_heads", heads) and hidden and heads and (hidden // heads) % 4:
+        problems.append(f"{where}: head dim {hidden // heads} (hidden_size / num_attention_heads) is not a multiple "
+                        "of 4: ChatGLM's 2D rotary splits each head into two rotary halves")
+    _head_dim_check(g, hidden, heads)
     text = dict(
-        vocab_size=_get(glm, "vocab_size", where, problems),
+        vocab_size=vocab,
         hidden_size=hidden,
-        num_hidden_layers=_get(glm, "num_layers", where, problems),
-        num_attention_heads=_get(glm, "num_attention_heads", where, problems),
-        intermediate_size=glm.get("inner_hidden_size") or 4 * (hidden or 0),
-        max_position_embeddings=glm.get("max_sequence_length", 2048),
-        layer_norm_eps=glm.get("layernorm_epsilon", 1e-5),
+        num_hidden_layers=g.int("num_layers", max=MAX_LAYERS),
+        num_attention_heads=heads,
+        intermediate_size=g.int("inner_hidden_size", default=4 * (hidden or 0) or None, max=MAX_WIDTH),
+        max_position_embeddings=g.int("max_sequence_length", default=2048, max=MAX_POSITIONS),
+        layer_norm_eps=g.number("layernorm_epsilon", default=1e-5, max=1.0),
         rope_fp16_inv_freq=rope_fp16_inv_freq,
     )
     for key, attr in TOKEN_KEYS.items():
-        from_cfg = glm.get(key)
+        from_cfg = g.int(key, required=False, min=0, max=MAX_VOCAB)
         from_tok = getattr(tokenizer, attr) if tokenizer is not None else None
         if from_cfg is not None and from_tok is not None and from_cfg != from_tok:
             problems.append(f"{where}: {key}={from_cfg} but the tokenizer's id is {from_tok} (wrong tokenizer?)")
-        text[key] = from_cfg if from_cfg is not None else from_tok if from_tok is not None else TOKEN_DEFAULTS[key]
-    if tokenizer is not None and text["vocab_size"] and tokenizer.sp_model.GetPieceSize() > text["vocab_size"]:
+        value = from_cfg if from_cfg is not None else from_tok if from_tok is not None else TOKEN_DEFAULTS[key]
+        if from_cfg is not None and vocab is not None and from_cfg >= vocab:
+            problems.append(f"{where}: {key} {from_cfg} is outside the {vocab}-row vocabulary")
+        text[key] = value
+    if tokenizer is not None and vocab and tokenizer.sp_model.GetPieceSize() > vocab:
         problems.append(f"the tokenizer has {tokenizer.sp_model.GetPieceSize()} pieces but the model only "
-                        f"{text['vocab_size']} embedding rows (wrong tokenizer?)")
-    vision = _vision_config(eva, f"{where} (vision)", problems)
-    qf = _qformer_config(qformer, f"{where} (Q-Former)", problems)
-    cross = qformer.get("cross_attn_hidden_size")
+                        f"{vocab} embedding rows (wrong tokenizer?)")
+    vision = _vision_config(g.section(eva_key))
+    qf_fields = g.section(qformer_key)
+    qf = _qformer_config(qf_fields)
+    cross = qf_fields.int("cross_attn_hidden_size", required=False, max=MAX_WIDTH)
     if cross is not None and vision["hidden_size"] and cross != vision["hidden_size"]:
         problems.append(f"{where}: Q-Former cross_attn_hidden_size {cross} != ViT hidden_size {vision['hidden_size']}")
+    image_length = g.int("image_length", required=False, max=MAX_POSITIONS)
     if image_length is not None and qf["num_query_tokens"] and image_length != qf["num_query_tokens"]:
         problems.append(f"{where}: image_length {image_length} != the Q-Former's {qf['num_query_tokens']} queries")
-    if problems:
-        raise ConversionError(problems, header=f"cannot build a VisualGLM config from {where}")
-    return VisualGLMConfig(
+    raise_if(problems, f"cannot build a VisualGLM config from {where}")
+    return build_config(
+        VisualGLMConfig, where,
         vision_config=vision,
         qformer_config=qf,
         text_config=text,
         image_token_id=tokenizer.image_token_id if tokenizer is not None else None,
         tie_word_embeddings=True,
     )
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ConversionError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------
@@ -278,9 +281,10 @@ def load_tokenizer(vocab_file: Path | None):
     cfg_path = vocab_file.parent / "tokenizer_config.json"
     if cfg_path.is_file():
         try:
-            n_image = json.loads(cfg_path.read_text()).get("num_image_tokens", 0)
-        except ValueError:
-            n_image = 0
+            tok_cfg = read_json_object(cfg_path)
+        except ConversionError:
+            tok_cfg = {}  # the converter writes its own tokenizer_config.json; this one only flags icetk folders
+        n_image = tok_cfg.get("num_image_tokens", 0)
         if n_image:
             raise ConversionError(
                 f"{cfg_path}: num_image_tokens={n_image}: this is a pre-April-2023 (icetk, 150528-row) ChatGLM "
@@ -311,28 +315,25 @@ class SatVisualGLM(Format):
 
     def load(self, args) -> Loaded:
         src = existing_dir(args.src, "--src")
-        latest = src / "latest"
-        if not latest.is_file():
-            raise ConversionError(f"{src}: no 'latest' file: not a SAT checkpoint folder "
-                                  "(expected latest, <iter>/mp_rank_00_model_states.pt, model_config.json)")
-        tag = latest.read_text().strip()
-        if not (tag.isdigit() or tag == "release"):
-            raise ConversionError(f"{latest}: expected an iteration number or 'release', found {tag[:40]!r}")
-        args_json = _read_json(src / "model_config.json")
-        mp = args_json.get("model_parallel_size", 1)
+        tag = read_latest(src)
+        where = f"{src}/model_config.json"
+        args_json = read_json_object(src / "model_config.json")
+        problems: list[str] = []
+        top = Fields(args_json, where, problems)
+        mp = top.int("model_parallel_size", default=1)
+        model_class = top.str("model_class", default="VisualGLMModel")
+        raise_if(problems, f"cannot read {where}")
         if mp != 1:
             raise ConversionError(f"{src}: model_parallel_size={mp}; merge the model-parallel ranks first "
                                   "(only mp_rank_00 checkpoints are supported)")
-        model_class = args_json.get("model_class", "VisualGLMModel")
         if "VisualGLM" not in model_class:
-            raise ConversionError(f"{src}/model_config.json: model_class {model_class!r} is not a VisualGLM model")
+            raise ConversionError(f"{where}: model_class {model_class!r} is not a VisualGLM model")
         if "eva_args" not in args_json or "qformer_args" not in args_json:
-            raise ConversionError(f"{src}/model_config.json has no eva_args/qformer_args: not VisualGLM")
+            raise ConversionError(f"{where} has no eva_args/qformer_args: not VisualGLM")
         ckpt = src / tag / "mp_rank_00_model_states.pt"
         tokenizer = load_tokenizer(find_tokenizer_file(args.tokenizer, [src]))
-        config = visualglm_config(args_json, args_json["eva_args"], args_json["qformer_args"],
-                                  where=f"{src}/model_config.json", tokenizer=tokenizer,
-                                  rope_fp16_inv_freq=False, image_length=args_json.get("image_length"))
+        config = visualglm_config(args_json, eva_key="eva_args", qformer_key="qformer_args", where=where,
+                                  tokenizer=tokenizer, rope_fp16_inv_freq=False)
         source = torch_file_source(ckpt, subkey="module")
         adapters = sorted({k.split(".matrix_")[0] for k in source.keys() if ".matrix_A." in k or ".matrix_B." in k})
         if adapters or any(k.startswith("mixins.ptuning.") for k in source.keys()):
@@ -358,12 +359,12 @@ class HfVisualGLM(Format):
 
     def load(self, args) -> Loaded:
         src = existing_dir(args.src, "--src")
-        cfg = _read_json(src / "config.json")
+        cfg = read_json_object(src / "config.json")
         if "eva_config" not in cfg or "qformer_config" not in cfg:
             raise ConversionError(f"{src}/config.json has no eva_config/qformer_config: not a visualglm-6b folder")
         tokenizer = load_tokenizer(find_tokenizer_file(args.tokenizer, [src]))
-        config = visualglm_config(cfg, cfg["eva_config"], cfg["qformer_config"], where=f"{src}/config.json",
-                                  tokenizer=tokenizer, rope_fp16_inv_freq=True, image_length=cfg.get("image_length"))
+        config = visualglm_config(cfg, eva_key="eva_config", qformer_key="qformer_config", where=f"{src}/config.json",
+                                  tokenizer=tokenizer, rope_fp16_inv_freq=True)
         source = sharded_torch_source(src, "pytorch_model.bin.index.json", "pytorch_model.bin")
         notes = [
             f"THUDM HF folder {src} ({len(source)} tensors)",
