@@ -3,13 +3,14 @@
 The child runs ``python -I`` (no PYTHONPATH, no user site, no cwd on ``sys.path``) with a ``sys.meta_path``
 blocker in front of every finder, so ``modeling_visualglm``, ``conversion`` and ``hub_export`` cannot be
 imported even though the editable install puts them on every path: the folder's own remote code must be
-enough. It resolves every ``auto_map`` entry, loads ``AutoModelForCausalLM`` / ``AutoTokenizer`` /
-``AutoProcessor`` with ``trust_remote_code=True`` and runs one greedy ``chat`` about a bundled image.
+enough. Before the child starts, the folder must pass the allow-list (``hub_export.allowlist``: no links,
+subdirectories, pickles, stray code or unknown files). The child resolves every ``auto_map`` entry, loads
+``AutoModelForCausalLM`` / ``AutoTokenizer`` / ``AutoProcessor`` with ``trust_remote_code=True`` and runs one
+greedy ``chat`` about a bundled image.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -105,23 +106,30 @@ def check_folder(folder: str | Path, dtype: str = "float32", device: str = "cpu"
                  query: str = "Describe the image.", timeout: float | None = None) -> int:
     """Run the check; prints the child's output; returns its exit code (0 = the folder works)."""
     from . import INCOMPLETE_MARKER
+    from .allowlist import format_problems, scan_folder
 
     folder = Path(folder).absolute()
-    if not (folder / "config.json").is_file():
+    if not folder.is_dir() or not os.path.lexists(folder / "config.json"):
         print(f"check: {folder} has no config.json: not a hub folder", file=sys.stderr)
         return 1
     marker = folder / INCOMPLETE_MARKER
-    if marker.exists():
-        print(f"check: {folder} is INCOMPLETE:\n{marker.read_text()}", file=sys.stderr)
+    if os.path.lexists(marker):
+        text = marker.read_text(errors="replace") if marker.is_file() and not marker.is_symlink() else ""
+        print(f"check: {folder} is INCOMPLETE ({INCOMPLETE_MARKER}):\n{text}", file=sys.stderr)
+        return 1
+    # the allow-list first: a folder with links, pickles, stray code or unknown files never reaches the child
+    try:
+        scan = scan_folder(folder)
+    except OSError as e:
+        print(f"check: FAILED: {folder} cannot be read ({type(e).__name__}: {e.strerror or e})", file=sys.stderr)
+        return 1
+    if scan.problems:
+        print(f"check: FAILED: {folder} is not a clean hub folder ({len(scan.problems)} problem(s)):\n"
+              f"{format_problems(scan.problems)}", file=sys.stderr)
         return 1
     image = demo_image()
     if image is None:
         print("check: the bundled demo image (modeling_visualglm/assets/demo.png) is missing", file=sys.stderr)
-        return 1
-    try:
-        json.loads((folder / "config.json").read_text())
-    except ValueError as e:
-        print(f"check: {folder}/config.json is not valid JSON: {e}", file=sys.stderr)
         return 1
     code = blocker_source() + CHILD
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")

@@ -3,8 +3,12 @@
     visualglm-export check --folder DIR [--dtype float32] [--device cpu]
     visualglm-export push  --folder DIR --repo-id ORG/NAME [--private] [--revision R] [--commit-message M]
 
-Exit codes: 0 success, 1 the folder failed the check / the upload failed, 2 usage error (including a
-``--device`` this machine does not have: one line, checked before the check starts).
+Both work from the hub-folder allow-list (``hub_export.allowlist``, CONTRACTS §2): a folder holding a symlink, a
+subdirectory, a pickle, a ``.py`` outside the remote-code closure or an unknown file is refused before anything
+is loaded or uploaded, with one line per offending file. ``push`` uploads exactly the allow-listed files.
+
+Exit codes: 0 success, 1 the folder failed the check / was refused / the upload failed, 2 usage error (including
+a ``--device`` this machine does not have: one line, checked before the check starts).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--query", default="Describe the image.",
                    help="question asked about the bundled image (default: %(default)r)")
     u = sub.add_parser("push", help="upload the folder to the Hugging Face Hub (creates the repo if needed)")
-    u.add_argument("--folder", required=True, help="the converted hub folder to upload (check it first)")
+    u.add_argument("--folder", required=True,
+                   help="the converted hub folder to upload (check it first); only its allow-listed files go up")
     u.add_argument("--repo-id", required=True, help="target repository, ORG/NAME")
     u.add_argument("--private", action="store_true", help="create the repository as private")
     u.add_argument("--revision", help="branch to commit to (created if needed)")
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repo-id must look like ORG/NAME, got {args.repo_id!r}")
     try:
         url = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                          commit_message=args.commit_message)
+                          commit_message=args.commit_message, log=lambda line: print(line, file=sys.stderr))
     except PushError as e:
         print(f"{PROG}: push refused: {e}", file=sys.stderr)
         return 1

@@ -56,6 +56,8 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.counter = 0
+        # every commit received through the commit endpoint: (repo_id, sha, message, sorted paths it wrote)
+        self.commit_log: list[tuple[str, str, str, list[str]]] = []
 
     def new_sha(self, seed: str) -> str:
         self.counter += 1
@@ -290,6 +292,8 @@ class Handler(BaseHTTPRequestHandler):
             repo.commits[sha] = files
             repo.messages[sha] = message
             repo.branches[rev] = sha
+            written = sorted(item["value"]["path"] for item in lines if item["key"] in ("file", "lfsFile"))
+            st.commit_log.append((repo_id, sha, message, written))
         return self._json(200, {"commitUrl": f"{self.hub.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha,
                                 "pullRequestUrl": None})
 
@@ -345,6 +349,11 @@ class FakeHub:
 
     def __exit__(self, *exc):
         self.stop()
+
+    @property
+    def commits(self) -> list[tuple[str, str, str, list[str]]]:
+        """Commits received so far (not the repositories' initial ones): (repo_id, sha, message, paths written)."""
+        return list(self.state.commit_log)
 
     def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
         repo = self.state.repos[repo_id]
