@@ -123,7 +123,7 @@ MINIGPT4 = Family(
         "a transformers 5.x `trust_remote_code` re-implementation with the original weights converted to safetensors."
     ),
     image_processor_kwargs=lambda config: {"size": config.vision_config.image_size},
-    processor_kwargs=lambda config: {"num_image_tokens": config.num_image_tokens},
+    processor_kwargs=lambda config: {"num_image_tokens": config.num_image_tokens, "variant": config.variant},
 )
 
 COGVLM = Family(
@@ -150,7 +150,8 @@ COGVLM = Family(
     image_processor_kwargs=lambda config: {"size": config.vision_config.image_size},
     processor_kwargs=lambda config: {"num_image_tokens": config.num_image_tokens,
                                      "image_token_id": config.image_token_id,
-                                     "pad_token_id": config.text_config.pad_token_id},
+                                     "pad_token_id": config.text_config.pad_token_id,
+                                     "template_version": config.template_version},
     tokenizer_hint="CogVLM1: a Vicuna-7B-v1.5 tokenizer folder; CogVLM2: its Llama-3 tokenizer folder",
 )
 

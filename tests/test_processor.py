@@ -1,14 +1,19 @@
-"""VisualGLM image processor, prompt builder, processor and chat template.
+"""VisualGLM image processor, prompt builder, processor and chat template; the CogVLM and MiniGPT-4 chat templates;
+``pipeline("image-text-to-text")`` on the hub folders of every family.
 
 Expected ids are spelled out from the VisualGLM rules (THUDM/VisualGLM-6B ``model/chat.py`` and the HF
 ``build_inputs_with_image``) with raw ``SentencePieceProcessor.encode`` calls on hand-written, already
 preprocessed strings ("\\n" written as ``<n>``); expected pixels come from PIL's resize plus a NumPy
-normalization with the constants of the spec (§1.4).
+normalization with the constants of the spec (§1.4). The CogVLM and MiniGPT-4 chat templates are checked against
+the prompt builders (text) and the models' own chat path (``_chat_inputs``: ids and pixels), with processors built
+as the folder writer builds them (``hub_export.families``).
 """
 
 import json
+import logging
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -17,10 +22,26 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from transformers.utils.chat_template_utils import render_jinja_template
 
+from hub_export.families import FAMILIES
 from modeling_visualglm import image_processing_visualglm, processing_visualglm
+from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
 from modeling_visualglm.image_processing_visualglm import VisualGLMImageProcessor
+from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
+from modeling_visualglm.modeling_minigpt4 import MiniGPT4ForConditionalGeneration
+from modeling_visualglm.processing_cogvlm import TEMPLATES as COGVLM_TEMPLATES
+from modeling_visualglm.processing_cogvlm import CogVLMProcessor, build_cogvlm_prompt, cogvlm_chat_template
+from modeling_visualglm.processing_minigpt4 import TEMPLATES as MINIGPT4_VARIANTS
+from modeling_visualglm.processing_minigpt4 import (
+    MiniGPT4Processor,
+    MiniGPT4Tokenizer,
+    build_minigpt4_prompt,
+    minigpt4_chat_template,
+)
 from modeling_visualglm.processing_visualglm import (
     VISUALGLM_CHAT_TEMPLATE,
     VisualGLMProcessor,
@@ -28,7 +49,9 @@ from modeling_visualglm.processing_visualglm import (
     build_visualglm_prompt,
     process_response,
 )
+from test_minigpt4 import tiny_config as tiny_minigpt4_config
 from test_tokenizer import run_isolated
+from tiny_folders import FOLDERS, write_tiny_folder
 from tiny_tokenizer import make_tiny_chatglm_tokenizer
 
 DEMO = Path(image_processing_visualglm.__file__).parent / "assets" / "demo.png"
@@ -415,3 +438,326 @@ def test_processor_save_and_auto_load_in_a_clean_interpreter(processor, tok, tmp
     expected = expected_pixels(Image.open(DEMO), 56).flatten()
     np.testing.assert_allclose(out["pixels"], expected, atol=1e-6)
     np.testing.assert_allclose(out["ip_pixels"], expected, atol=1e-6)
+
+
+# ---- CogVLM and MiniGPT-4 chat templates ----------------------------------------------------------------
+
+# (query, history): empty and long histories, Chinese and English, quotes, newlines and "?" inside turns
+CHAT_CASES = [
+    ("What is in the picture?", []),
+    ("它在哪里？", [("描述这张图片。", "图中有一个红色的圆。")]),
+    ("And the colour?", [("Hi", "Hello!"), ("What's this? Describe it.", "A 'red' box.\nOn the left.")]),
+    ("what is 猫 in English", [("你好", "hello"), ("再见", "bye")]),
+]
+
+
+def chat_messages(query, history, image=None, image_at="first"):
+    """``history`` + ``query`` as alternating user/assistant messages; the image (if any) is a block of the first
+    or of the last user message. Plain-string and block contents are mixed on purpose."""
+    messages = []
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    messages.append({"role": "user", "content": [{"type": "text", "text": query}]})
+    if image is not None:
+        target = messages[0] if image_at == "first" else messages[-1]
+        text = target["content"] if isinstance(target["content"], str) else target["content"][0]["text"]
+        target["content"] = [{"type": "image", "path": image}, {"type": "text", "text": text}]
+    return messages
+
+
+def image_variants():
+    """(image, where in the messages): none, in the first user message, in the last one."""
+    return [(None, "first"), (str(DEMO), "first"), (str(DEMO), "last")]
+
+
+def export_processor(family_name, config, tokenizer):
+    """The processor the hub folder writer builds for ``config`` (hub_export.families' processor_kwargs)."""
+    family = FAMILIES[family_name]
+    image_processor = family.image_processor.load()(**family.image_processor_kwargs(config))
+    return family.processor.load()(image_processor=image_processor, tokenizer=tokenizer,
+                                   **family.processor_kwargs(config))
+
+
+@pytest.fixture(scope="module")
+def hub_folders(tmp_path_factory):
+    """Tiny seeded hub folders of every family (tests/tiny_folders.py, written by hub_export's writer)."""
+    root = tmp_path_factory.mktemp("tiny_hub_folders")
+    return {name: write_tiny_folder(name, root / name) for name in FOLDERS}
+
+
+@pytest.fixture(scope="module")
+def cogvlm_parts(hub_folders):
+    """version → (model, tokenizer) loaded from the tiny folders with our classes."""
+    from transformers import AutoTokenizer
+
+    return {version: (CogVLMForConditionalGeneration.from_pretrained(hub_folders[version], dtype=torch.float32).eval(),
+                      AutoTokenizer.from_pretrained(hub_folders[version]))
+            for version in ("cogvlm", "cogvlm2")}
+
+
+@pytest.fixture(scope="module")
+def minigpt4_tokenizer(hub_folders):
+    return MiniGPT4Tokenizer.from_pretrained(hub_folders["minigpt4"])
+
+
+@pytest.fixture(scope="module")
+def minigpt4_models():
+    """variant → an (untrained) tiny model whose vocabulary and image id match the tiny folder's tokenizer."""
+    return {variant: MiniGPT4ForConditionalGeneration(tiny_minigpt4_config(variant)).eval()
+            for variant in MINIGPT4_VARIANTS}
+
+
+def assert_same_as_chat(enc, model, tokenizer, image, query, history):
+    """``enc`` (one conversation through apply_chat_template) == the model's chat inputs: ids and pixels."""
+    ids, pixel_values, _ = model._chat_inputs(tokenizer, image, query, history, {})
+    assert enc["input_ids"].tolist() == ids.tolist()
+    assert enc["attention_mask"].tolist() == [[1] * ids.shape[1]]
+    if image is None:
+        assert pixel_values is None and "pixel_values" not in enc
+    else:
+        torch.testing.assert_close(enc["pixel_values"], pixel_values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("template", COGVLM_TEMPLATES)
+@pytest.mark.parametrize("version", ["cogvlm", "cogvlm2"])
+def test_cogvlm_chat_template_is_the_builder_and_the_chat_inputs(cogvlm_parts, version, template, monkeypatch):
+    model, tokenizer = cogvlm_parts[version]
+    monkeypatch.setattr(model.config, "template_version", template)  # as a folder converted with this template
+    processor = export_processor("cogvlm", model.config, tokenizer)
+    assert processor.template_version == template
+    for query, history in CHAT_CASES:
+        for image, image_at in image_variants():
+            messages = chat_messages(query, history, image, image_at)
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            assert text == build_cogvlm_prompt(query, history, template), (query, image_at)
+            enc = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True, return_tensors="pt")
+            assert_same_as_chat(enc, model, tokenizer, image, query, history)
+
+
+# text the templates must pass through untouched: CJK, quotes, backslashes, newlines, Jinja's own delimiters
+TURN_TEXT = st.lists(st.sampled_from(list("ab Z?!.,'\"\\\n{}%#[]<>/:你好图片。？") + ["{{", "}}", "{%", "###"]),
+                     min_size=1, max_size=12).map("".join).filter(str.strip)
+
+
+@settings(max_examples=60, deadline=None)
+@given(query=TURN_TEXT, history=st.lists(st.tuples(TURN_TEXT, TURN_TEXT), max_size=3), image=st.booleans())
+def test_chat_templates_render_any_text_as_the_builders(query, history, image):
+    messages = chat_messages(query, history, str(DEMO) if image else None, image_at="last")
+    for template in COGVLM_TEMPLATES:
+        rendered = render_chat(cogvlm_chat_template(template), messages)
+        assert rendered == build_cogvlm_prompt(query, history, template)
+    for variant in MINIGPT4_VARIANTS:
+        rendered = render_chat(minigpt4_chat_template(variant), messages)
+        assert rendered == build_minigpt4_prompt(variant, query, history, has_image=image)
+
+
+def render_chat(template, messages):
+    prompts, _ = render_jinja_template(conversations=[messages], chat_template=template, add_generation_prompt=True)
+    return prompts[0]
+
+
+@pytest.mark.parametrize("variant", sorted(MINIGPT4_VARIANTS))
+def test_minigpt4_chat_template_is_the_builder_and_the_chat_inputs(minigpt4_models, minigpt4_tokenizer, variant):
+    model, tokenizer = minigpt4_models[variant], minigpt4_tokenizer
+    processor = export_processor("minigpt4", model.config, tokenizer)
+    assert processor.variant == variant and processor.num_image_tokens == model.config.num_image_tokens
+    for query, history in CHAT_CASES:
+        for image, image_at in image_variants():
+            messages = chat_messages(query, history, image, image_at)
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # the image goes into the first user message wherever it was given
+            assert text == build_minigpt4_prompt(variant, query, history, has_image=image is not None)
+            enc = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True, return_tensors="pt")
+            assert_same_as_chat(enc, model, tokenizer, image, query, history)
+
+
+def test_chat_templates_without_generation_prompt_and_with_an_answer_to_continue(cogvlm_parts, minigpt4_tokenizer):
+    """Without add_generation_prompt the prompt stops before the assistant's tag; a final assistant message with
+    continue_final_message=True is the start of the answer, right after the tag as the builder writes it."""
+    _, tokenizer = cogvlm_parts["cogvlm"]
+    history = [("Hi", "Hello!")]
+    messages = chat_messages("What is it?", history, str(DEMO))
+    prefill = messages + [{"role": "assistant", "content": "A red"}]
+    for template in COGVLM_TEMPLATES:
+        processor = CogVLMProcessor(CogVLMImageProcessor(size=56), tokenizer, num_image_tokens=18, image_token_id=400,
+                                    template_version=template)
+        prompt = build_cogvlm_prompt("What is it?", history, template)
+        bare = processor.apply_chat_template(messages, add_generation_prompt=False)
+        assert prompt.startswith(bare) and (bare == prompt) == (template == "base")
+        continued = processor.apply_chat_template(prefill, continue_final_message=True)
+        assert continued == prompt + ("A red" if template == "base" else " A red")  # "Answer:" + " " + answer
+    for variant in MINIGPT4_VARIANTS:
+        processor = MiniGPT4Processor(VisualGLMImageProcessor(size=56), minigpt4_tokenizer, variant=variant)
+        prompt = build_minigpt4_prompt(variant, "What is it?", history)
+        bare = processor.apply_chat_template(messages, add_generation_prompt=False)
+        assert prompt.startswith(bare) and bare != prompt
+        assert processor.apply_chat_template(prefill, continue_final_message=True) == prompt + "A red"
+
+
+def left_padded(rows, pad):
+    width = max(map(len, rows))
+    return ([[pad] * (width - len(r)) + r for r in rows], [[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+
+@pytest.mark.parametrize("family", ["cogvlm", "minigpt4"])
+def test_batched_chat_template_is_the_left_padded_chat_inputs(cogvlm_parts, minigpt4_models, minigpt4_tokenizer,
+                                                              family):
+    """A batch of conversations (transformers passes the images nested per conversation; some have none) gives the
+    rows of ``_chat_inputs`` left-padded, and the images in row order."""
+    model, tokenizer = cogvlm_parts["cogvlm2"] if family == "cogvlm" else (minigpt4_models["vicuna0"],
+                                                                          minigpt4_tokenizer)
+    processor = export_processor(family, model.config, tokenizer)
+    first, second = shapes_image(), str(DEMO)
+    rows = [("What is in the picture?", [], first), ("你好", [("Hi", "Hello!")], None),
+            ("And here?", [("Describe it.", "A box.")], second)]
+    conversations = [chat_messages(q, h, None) for q, h, _ in rows]
+    conversations[0][0]["content"].insert(0, {"type": "image", "image": first})
+    conversations[2][-1]["content"].append({"type": "image", "path": second})
+    texts = processor.apply_chat_template(conversations, add_generation_prompt=True)
+    enc = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")
+    singles = [model._chat_inputs(tokenizer, image, q, h, {}) for q, h, image in rows]
+    pad = processor.pad_token_id if family == "cogvlm" else tokenizer.unk_token_id  # the tiny Llama has no pad
+    assert family == "cogvlm" or tokenizer.pad_token_id is None
+    ids, mask = left_padded([s[0][0].tolist() for s in singles], pad)
+    assert enc["input_ids"].tolist() == ids and enc["attention_mask"].tolist() == mask
+    assert enc["input_ids"][:, 0].tolist() != enc["input_ids"][:, -1].tolist()  # really ragged
+    torch.testing.assert_close(enc["pixel_values"], torch.cat([singles[0][1], singles[2][1]]), rtol=0, atol=0)
+    # the rendered strings go through the processor call the same way (images: one entry per prompt, or nested)
+    for images in ([first, None, second], [[first], [], [second]]):
+        again = processor(text=texts, images=images)
+        assert again["input_ids"].tolist() == ids
+        torch.testing.assert_close(again["pixel_values"], enc["pixel_values"], rtol=0, atol=0)
+
+
+def test_cogvlm_template_version_override_and_export(cogvlm_parts, tmp_path):
+    """``template_version=`` in apply_chat_template picks another template for one call; a processor saved with a
+    template keeps it (processor_config.json and chat_template.jinja) and reloads to the same prompts."""
+    _, tokenizer = cogvlm_parts["cogvlm"]
+    processor = CogVLMProcessor(CogVLMImageProcessor(size=56), tokenizer, num_image_tokens=18, image_token_id=400,
+                                template_version="vqa")
+    query, history = CHAT_CASES[2]
+    messages = chat_messages(query, history, str(DEMO))
+    assert processor.build_prompt(query, history) == build_cogvlm_prompt(query, history, "vqa")
+    for template in COGVLM_TEMPLATES:
+        rendered = processor.apply_chat_template(messages, add_generation_prompt=True, template_version=template)
+        assert rendered == build_cogvlm_prompt(query, history, template)
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["template_version"] == "vqa"
+    assert (tmp_path / "chat_template.jinja").read_text() == cogvlm_chat_template("vqa")
+    loaded = CogVLMProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert loaded.template_version == "vqa"
+    rendered = loaded.apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered == build_cogvlm_prompt(query, history, "vqa")
+
+
+def test_minigpt4_variant_is_saved(minigpt4_tokenizer, tmp_path):
+    processor = MiniGPT4Processor(VisualGLMImageProcessor(size=56), minigpt4_tokenizer, num_image_tokens=4,
+                                  variant="llama2")
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert (config["variant"], config["num_image_tokens"]) == ("llama2", 4)
+    assert (tmp_path / "chat_template.jinja").read_text() == minigpt4_chat_template("llama2")
+    loaded = MiniGPT4Processor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert loaded.variant == "llama2" and loaded.build_prompt("hi") == build_minigpt4_prompt("llama2", "hi")
+
+
+def test_hub_folders_carry_the_chat_templates(hub_folders):
+    for name in ("cogvlm", "cogvlm2"):
+        assert (hub_folders[name] / "chat_template.jinja").read_text() == cogvlm_chat_template("chat")
+    assert (hub_folders["minigpt4"] / "chat_template.jinja").read_text() == minigpt4_chat_template("vicuna0")
+
+
+TWO_IMAGES = chat_messages("And this?", [("Describe it.", "A box.")], str(DEMO))
+TWO_IMAGES[-1]["content"].append({"type": "image", "path": str(DEMO)})
+TEMPLATE_ERRORS = [
+    (TWO_IMAGES, {}, "at most one image"),
+    ([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}], {}, "role system"),
+    ([{"role": "assistant", "content": "hi"}], {}, "alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], {}, "alternate"),
+]
+
+
+@pytest.mark.parametrize("messages, kwargs, match", TEMPLATE_ERRORS + [
+    ([{"role": "user", "content": "hi"}], {"template_version": "qa"}, "template_version must be one of"),
+])
+def test_cogvlm_chat_template_errors(cogvlm_parts, messages, kwargs, match):
+    processor = CogVLMProcessor(CogVLMImageProcessor(size=56), cogvlm_parts["cogvlm"][1], num_image_tokens=18,
+                                image_token_id=400)
+    with pytest.raises(jinja2.TemplateError, match=match):
+        processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+
+
+@pytest.mark.parametrize("messages, kwargs, match", TEMPLATE_ERRORS + [
+    ([{"role": "user", "content": "what is <ImageHere>?"}], {}, "image marker <ImageHere>"),
+])
+def test_minigpt4_chat_template_errors(minigpt4_tokenizer, messages, kwargs, match):
+    processor = MiniGPT4Processor(VisualGLMImageProcessor(size=56), minigpt4_tokenizer, num_image_tokens=4)
+    with pytest.raises(jinja2.TemplateError, match=match):
+        processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+
+
+def test_processor_argument_errors(cogvlm_parts, minigpt4_tokenizer):
+    tokenizer = cogvlm_parts["cogvlm"][1]
+    with pytest.raises(ValueError, match="template_version must be one of"):
+        CogVLMProcessor(CogVLMImageProcessor(size=56), tokenizer, template_version="qa")
+    with pytest.raises(ValueError, match="unknown MiniGPT-4 variant"):
+        MiniGPT4Processor(VisualGLMImageProcessor(size=56), minigpt4_tokenizer, variant="vicuna1")
+    cogvlm = CogVLMProcessor(CogVLMImageProcessor(size=56), tokenizer, num_image_tokens=18, image_token_id=400)
+    minigpt4 = MiniGPT4Processor(VisualGLMImageProcessor(size=56), minigpt4_tokenizer, num_image_tokens=4)
+    with pytest.raises(ValueError, match="prompt 0 has 2 images"):
+        cogvlm(text="Question: hi Answer:", images=[[str(DEMO), str(DEMO)]])
+    for processor, prompt in ((cogvlm, "Question: hi Answer:"), (minigpt4, "###Human: hi###Assistant: ")):
+        with pytest.raises(TypeError, match=r"unexpected arguments \['do_sample'\].*generate_kwargs"):
+            processor(text=prompt, do_sample=False)  # what pipeline(..., do_sample=False) would pass on
+        with pytest.raises(ValueError, match="images only"):
+            processor(text=prompt, videos=["clip.mp4"])
+    # what apply_chat_template passes to every processor is accepted (and means nothing here)
+    out = cogvlm(text="Question: hi Answer:", images=[[str(DEMO)]], add_special_tokens=False, padding=True)
+    assert out["input_ids"][0, :2].tolist() == [tokenizer.bos_token_id, 400]
+
+
+# ---- pipelines -------------------------------------------------------------------------------------------
+
+
+class _LogRecorder(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_image_text_to_text_pipeline_is_chat_inputs_plus_greedy_generate(hub_folders, name):
+    """``pipeline("image-text-to-text")`` on a hub folder: loads, renders the chat through the folder's chat template
+    and generates (greedy, from the neutral generation_config.json) what ``generate`` does on the inputs of the
+    model's own ``chat``, without a warning."""
+    from transformers import pipeline
+
+    query, history = "Describe the image.", [("Hi", "Hello!")]
+    messages = chat_messages(query, history, str(DEMO), image_at="last")
+    recorder = _LogRecorder()
+    logging.getLogger("transformers").addHandler(recorder)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = pipeline("image-text-to-text", model=str(hub_folders[name]), trust_remote_code=True,
+                            dtype=torch.float32)
+            out = pipe(text=messages, max_new_tokens=4, return_full_text=False)
+    finally:
+        logging.getLogger("transformers").removeHandler(recorder)
+    assert not [str(w.message) for w in caught] and not recorder.messages
+
+    model, tokenizer = pipe.model, pipe.tokenizer
+    input_ids, pixel_values, _ = model._chat_inputs(tokenizer, str(DEMO), query, history, {})
+    with torch.no_grad():
+        reference = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   pixel_values=pixel_values, max_new_tokens=4, do_sample=False)
+    new_tokens = reference[0, input_ids.shape[1]:].tolist()
+    expected = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    assert len(new_tokens) == 4 and expected.strip()  # a real answer, not an immediate end of text
+    assert out[0]["generated_text"] == expected

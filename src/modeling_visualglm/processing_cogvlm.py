@@ -25,6 +25,8 @@ Deliberate differences from the originals:
 - Batches are left-padded by the processor; boxes with a wrong number of coordinates, non-integers, values
   above 999 or reversed corners raise ``ValueError`` (the original parser silently drops them), and pixel
   coordinates are computed in integers (``v * size // 1000``) instead of ``int(v / 1000 * size)``.
+- A Jinja chat template renders the same prompt from ``messages`` for the processor's ``template_version`` (at
+  most one image per conversation; it goes right after bos wherever it appears in the messages).
 """
 
 from __future__ import annotations
@@ -69,6 +71,79 @@ def build_cogvlm_prompt(query: str, history=None, template: str = "chat") -> str
     raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
 
+# The text of a message: a string, or the "text" blocks of a list of {"type": "text"|"image", ...} blocks.
+_TEXT_OF = (
+    "{%- macro text_of(message) -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'text' -%}{{ block['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+# Roles and image count of a conversation, checked before anything is rendered.
+_CHECK_MESSAGES = (
+    "{%- set ns = namespace(images=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['user', 'assistant'] -%}"
+    "{{ raise_exception('CogVLM knows only user and assistant messages, got role ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('messages must alternate user/assistant, starting with user') }}"
+    "{%- endif -%}"
+    "{%- if message['content'] is not string -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.images > 1 -%}{{ raise_exception('CogVLM takes at most one image per conversation') }}{%- endif -%}"
+)
+# build_cogvlm_prompt as turns: a user message renders as "Question: {q} ", an assistant message as "Answer: {a}\n",
+# the generation prompt as "Answer:" (so history + query + generation prompt is exactly the builder's string, and an
+# assistant message at the end is an answer to continue). "base" renders the last query alone (plus a trailing
+# assistant message to continue). The image is not in the text: the processor puts its placeholders after bos.
+_RENDER = (
+    "{%- if version == 'base' -%}"
+    "{%- set last = namespace(query='', answer='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set last.query = text_of(message) -%}{%- set last.answer = '' -%}"
+    "{%- else -%}{%- set last.answer = text_of(message) -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ last.query }}{{ last.answer }}"
+    "{%- else -%}"
+    "{%- if version == 'text' -%}{{ TEXT_SYSTEM }}{{ ' ' }}{%- endif -%}"
+    "{%- set user = 'USER: ' if version == 'text' else 'Question: ' -%}"
+    "{%- set answer = {'chat': 'Answer:', 'vqa': 'Short answer:', 'text': 'ASSISTANT:'}[version] -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ user }}{{ text_of(message) }}{{ ' ' }}"
+    "{%- else -%}{{ answer }}{{ ' ' }}{{ text_of(message) }}{{ '\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ answer }}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def cogvlm_chat_template(template_version: str = "chat") -> str:
+    """The Jinja chat template rendering :func:`build_cogvlm_prompt` for ``template_version`` (base | chat | vqa |
+    text); ``apply_chat_template(..., template_version=...)`` picks another template for one call."""
+    if template_version not in TEMPLATES:
+        raise ValueError(f"template_version must be one of {TEMPLATES}, got {template_version!r}")
+    return (
+        _TEXT_OF
+        + "{%- set TEXT_SYSTEM = " + _jinja_string(TEXT_ONLY_SYSTEM) + " -%}"
+        + "{%- if template_version is defined and template_version is not none -%}"
+        + "{%- set version = template_version -%}"
+        + "{%- else -%}{%- set version = " + _jinja_string(template_version) + " -%}{%- endif -%}"
+        + "{%- if version not in " + repr(list(TEMPLATES)) + " -%}"
+        + "{{ raise_exception('template_version must be one of " + ", ".join(TEMPLATES) + ", got ' + version) }}"
+        + "{%- endif -%}"
+        + _CHECK_MESSAGES
+        + _RENDER
+    )
+
+
 def build_cogvlm_inputs(
     tokenizer, prompt: str, has_image: bool, num_image_tokens: int, image_token_id: int
 ) -> list[int]:
@@ -97,10 +172,11 @@ def cogvlm_token_type_ids(input_ids: torch.Tensor, image_token_id: int) -> torch
 class CogVLMProcessor(ProcessorMixin):
     """Images + formatted CogVLM prompts → ``input_ids``, ``attention_mask`` (left-padded) and ``pixel_values``.
 
-    ``text``: one prompt or a list (already templated, see :func:`build_cogvlm_prompt`). ``images``: None, one
-    image for one prompt, or a list aligned with ``text`` whose entries are an image or None (text-only row).
-    The image of a row goes right after its bos, as in the original; ``pixel_values`` holds the given images
-    in row order.
+    ``text``: one prompt or a list (already templated, see :func:`build_cogvlm_prompt` or the chat template, which
+    renders ``template_version``'s format). ``images``: None, one image for one prompt, or a list aligned with
+    ``text`` whose entries are an image, None (text-only row) or a list of at most one image (what
+    ``apply_chat_template`` passes). The image of a row goes right after its bos, as in the original;
+    ``pixel_values`` holds the given images in row order.
     """
 
     _auto_class = "AutoProcessor"
@@ -112,6 +188,8 @@ class CogVLMProcessor(ProcessorMixin):
         num_image_tokens: int = 1227,
         image_token_id: int = 32000,
         pad_token_id: int | None = None,
+        template_version: str = "chat",
+        chat_template=None,
         **kwargs,
     ):
         self.num_image_tokens = int(num_image_tokens)
@@ -119,21 +197,26 @@ class CogVLMProcessor(ProcessorMixin):
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
-        super().__init__(image_processor, tokenizer, **kwargs)
+        self.template_version = template_version
+        if chat_template is None:
+            chat_template = cogvlm_chat_template(template_version)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
-    def build_prompt(self, query: str, history=None, template: str = "chat") -> str:
-        return build_cogvlm_prompt(query, history, template)
+    def build_prompt(self, query: str, history=None, template: str | None = None) -> str:
+        return build_cogvlm_prompt(query, history, template or self.template_version)
 
-    def __call__(self, images=None, text=None, return_tensors="pt", **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, audio=None, return_tensors="pt", **kwargs) -> BatchFeature:
         if text is None:
             raise ValueError("CogVLMProcessor needs text: formatted prompt(s), e.g. from build_prompt()")
+        if videos is not None or audio is not None:
+            raise ValueError("CogVLM takes images only, no videos or audio")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a non-empty list of strings")
         if images is None:
             row_images = [None] * len(texts)
-        elif single and not isinstance(images, (list, tuple)):
+        elif single:  # everything given belongs to the one prompt: an image, [image], [[image]] or []
             row_images = [images]
         else:
             row_images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -142,6 +225,8 @@ class CogVLMProcessor(ProcessorMixin):
                 f"{len(row_images)} image entries for {len(texts)} prompts: give one image (or None) per prompt; "
                 "CogVLM takes at most one image per conversation"
             )
+        row_images = [_row_image(entry, row) for row, entry in enumerate(row_images)]
+        image_kwargs = _image_kwargs(kwargs)
         rows = [
             build_cogvlm_inputs(self.tokenizer, t, img is not None, self.num_image_tokens, self.image_token_id)
             for t, img in zip(texts, row_images)
@@ -152,7 +237,7 @@ class CogVLMProcessor(ProcessorMixin):
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         given = [img for img in row_images if img is not None]
         if given:
-            data["pixel_values"] = self.image_processor(given, return_tensors="pt", **kwargs)["pixel_values"]
+            data["pixel_values"] = self.image_processor(given, return_tensors="pt", **image_kwargs)["pixel_values"]
         return BatchFeature(data, tensor_type=return_tensors)
 
     def decode(self, token_ids, **kwargs) -> str:
@@ -165,6 +250,33 @@ class CogVLMProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def _row_image(entry, row: int):
+    """One prompt's image: an image, None, or a list of at most one image (``apply_chat_template``'s nesting)."""
+    while isinstance(entry, (list, tuple)):
+        if len(entry) > 1:
+            raise ValueError(f"prompt {row} has {len(entry)} images; CogVLM takes at most one image per conversation")
+        entry = entry[0] if entry else None
+    return entry
+
+
+# Arguments apply_chat_template / pipelines pass to every processor that mean nothing here: the ids always start with
+# bos and rows are always left-padded (as in the original); on transformers 4.57.x apply_chat_template also passes
+# the template's own variables (template_version) on to the processor call.
+_IGNORED_KWARGS = ("add_special_tokens", "padding", "text_kwargs", "template_version")
+
+
+def _image_kwargs(kwargs: dict) -> dict:
+    """The image processor's keyword arguments among a processor call's ``kwargs``; anything unknown raises."""
+    image_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+    if "size" in kwargs:
+        image_kwargs["size"] = kwargs.pop("size")
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}; CogVLMProcessor takes images, text, return_tensors, size "
+                        "(a pipeline passes its unknown keywords here: give generate() options as generate_kwargs=)")
+    return image_kwargs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,6 +369,7 @@ def draw_grounding(image, grounding, width: int = 3, colors=None):
 __all__ = [
     "CogVLMProcessor",
     "build_cogvlm_prompt",
+    "cogvlm_chat_template",
     "build_cogvlm_inputs",
     "cogvlm_token_type_ids",
     "draw_grounding",

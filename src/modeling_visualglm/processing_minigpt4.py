@@ -19,6 +19,8 @@ Deliberate differences:
   drop that ``▁`` (spec §8).
 - ``###`` stops generation through transformers' ``stop_strings`` (any tokenization of ``###``), where the
   original compared the tail to the two LLaMA id sequences [835] and [2277, 29937].
+- A Jinja chat template per variant renders the same prompt from ``messages`` (at most one image per conversation,
+  placed in the first user message wherever it appears: the demo uploads the image before the first question).
 """
 
 from __future__ import annotations
@@ -64,6 +66,56 @@ def build_minigpt4_prompt(variant: str, query: str, history=None, has_image: boo
         prompt += user + q + sep
         prompt += assistant if a is None else assistant + a + sep
     return prompt
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def minigpt4_chat_template(variant: str) -> str:
+    """The Jinja chat template rendering :func:`build_minigpt4_prompt` for ``variant``: system + sep, then per user
+    message ``user role + text + sep`` (the first one starting with ``<Img><ImageHere></Img> `` when the conversation
+    has an image), per assistant message ``assistant role + text + sep``, and the assistant role as the generation
+    prompt. Content may be a string or a list of {"type": "text"|"image", ...} blocks."""
+    if variant not in TEMPLATES:
+        raise ValueError(f"unknown MiniGPT-4 variant {variant!r}; expected one of {sorted(TEMPLATES)}")
+    system, user, assistant, sep = (_jinja_string(part) for part in TEMPLATES[variant])
+    return (
+        "{%- macro text_of(message) -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for block in message['content'] -%}"
+        "{%- if block['type'] == 'text' -%}{{ block['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+        "{%- set ns = namespace(images=0) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in ['user', 'assistant'] -%}"
+        "{{ raise_exception('MiniGPT-4 knows only user and assistant messages, got role ' + message['role']) }}"
+        "{%- endif -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('messages must alternate user/assistant, starting with user') }}"
+        "{%- endif -%}"
+        "{%- if message['content'] is not string -%}{%- for block in message['content'] -%}"
+        "{%- if block['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- if " + _jinja_string(IMAGE_HERE) + " in text_of(message) -%}"
+        "{{ raise_exception('message text contains the image marker " + IMAGE_HERE + "; pass the image as an image "
+        "block') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if ns.images > 1 -%}"
+        "{{ raise_exception('MiniGPT-4 takes at most one image per conversation') }}"
+        "{%- endif -%}"
+        "{{ " + system + " }}{{ " + sep + " }}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ " + user + " }}"
+        "{%- if loop.first and ns.images -%}{{ " + _jinja_string(IMAGE_SEGMENT + " ") + " }}{%- endif -%}"
+        "{{ text_of(message) }}{{ " + sep + " }}"
+        "{%- else -%}{{ " + assistant + " }}{{ text_of(message) }}{{ " + sep + " }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + assistant + " }}{%- endif -%}"
+    )
 
 
 def legacy_encode(tokenizer, text: str) -> list[int]:
@@ -127,24 +179,51 @@ class MiniGPT4Tokenizer(llama_tokenizer_class()):
         self.init_kwargs["image_token_id"] = image_token_id
 
 
+# Arguments apply_chat_template / pipelines pass to every processor that mean nothing here: the ids always start with
+# BOS and then follow the legacy segment tokenization (a prompt's literal "<s>" included), and rows are always
+# left-padded, as in the original.
+_IGNORED_KWARGS = ("add_special_tokens", "padding", "text_kwargs")
+
+
+def _image_kwargs(kwargs: dict) -> dict:
+    """The image processor's keyword arguments among a processor call's ``kwargs``; anything unknown raises."""
+    image_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+    if "size" in kwargs:
+        image_kwargs["size"] = kwargs.pop("size")
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}; MiniGPT4Processor takes images, text, return_tensors, size "
+                        "(a pipeline passes its unknown keywords here: give generate() options as generate_kwargs=)")
+    return image_kwargs
+
+
 @legacy_processor_attributes
 class MiniGPT4Processor(ProcessorMixin):
     """Images + MiniGPT-4 prompts → ``input_ids``, ``attention_mask`` (left-padded) and ``pixel_values``.
 
-    ``text`` is one or more formatted prompts (see :func:`build_minigpt4_prompt`) with ``<ImageHere>`` where an
-    image goes; each marker becomes ``num_image_tokens`` × ``image_token_id``, and ``pixel_values`` (N, 3, S, S)
-    holds the given images in the order of their markers.
+    ``text`` is one or more formatted prompts (see :func:`build_minigpt4_prompt` or the chat template of
+    ``variant``) with ``<ImageHere>`` where an image goes; each marker becomes ``num_image_tokens`` ×
+    ``image_token_id``, and ``pixel_values`` (N, 3, S, S) holds the given images in the order of their markers.
     """
 
     _auto_class = "AutoProcessor"
 
-    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 32, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 32, variant: str = "vicuna0",
+                 chat_template=None, **kwargs):
         self.num_image_tokens = int(num_image_tokens)
-        super().__init__(image_processor, tokenizer, **kwargs)
+        self.variant = variant
+        if chat_template is None:
+            chat_template = minigpt4_chat_template(variant)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
-    def __call__(self, images=None, text=None, return_tensors="pt", **kwargs) -> BatchFeature:
+    def build_prompt(self, query: str, history=None, has_image: bool = True) -> str:
+        return build_minigpt4_prompt(self.variant, query, history, has_image=has_image)
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, return_tensors="pt", **kwargs) -> BatchFeature:
         if text is None:
             raise ValueError("MiniGPT4Processor needs text: prompt(s) from build_minigpt4_prompt, with <ImageHere>")
+        if videos is not None or audio is not None:
+            raise ValueError("MiniGPT-4 takes images only, no videos or audio")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a non-empty list of strings")
@@ -155,6 +234,7 @@ class MiniGPT4Processor(ProcessorMixin):
                 f"{sum(markers)} {IMAGE_HERE!r} marker(s) in the text (per prompt: {markers}) but "
                 f"{len(flat_images)} image(s) given; each image needs exactly one marker"
             )
+        image_kwargs = _image_kwargs(kwargs)
         rows = [encode_minigpt4_prompt(self.tokenizer, t, self.num_image_tokens) for t in texts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
         width = max(len(r) for r in rows)
@@ -163,7 +243,8 @@ class MiniGPT4Processor(ProcessorMixin):
             "attention_mask": [[0] * (width - len(r)) + [1] * len(r) for r in rows],
         }
         if flat_images:
-            data["pixel_values"] = self.image_processor(flat_images, return_tensors="pt", **kwargs)["pixel_values"]
+            pixel_values = self.image_processor(flat_images, return_tensors="pt", **image_kwargs)["pixel_values"]
+            data["pixel_values"] = pixel_values
         return BatchFeature(data, tensor_type=return_tensors)
 
     def decode(self, token_ids, **kwargs) -> str:
@@ -181,6 +262,7 @@ __all__ = [
     "encode_minigpt4_prompt",
     "build_minigpt4_prompt",
     "build_minigpt4_inputs",
+    "minigpt4_chat_template",
     "legacy_encode",
     "process_response",
     "TEMPLATES",
