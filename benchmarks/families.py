@@ -51,7 +51,7 @@ class Family:
 
 def _visualglm(tiny):
     from modeling_visualglm.configuration_visualglm import VisualGLMConfig
-    from modeling_visualglm.testing_utils import tiny_visualglm_config
+    from modeling_visualglm.tools.tiny_models import tiny_visualglm_config
 
     return tiny_visualglm_config(None) if tiny else VisualGLMConfig(image_token_id=130344)
 
@@ -59,7 +59,7 @@ def _visualglm(tiny):
 def _cogvlm(version):
     def config(tiny):
         from modeling_visualglm.configuration_cogvlm import CogVLMConfig
-        from modeling_visualglm.testing_utils import tiny_cogvlm_config
+        from modeling_visualglm.tools.tiny_models import tiny_cogvlm_config
 
         return tiny_cogvlm_config(version) if tiny else CogVLMConfig(version=version)
 
@@ -69,7 +69,7 @@ def _cogvlm(version):
 def _minigpt4(size):
     def config(tiny):
         from modeling_visualglm.configuration_minigpt4 import MiniGPT4Config
-        from modeling_visualglm.testing_utils import tiny_minigpt4_config
+        from modeling_visualglm.tools.tiny_models import tiny_minigpt4_config
 
         if tiny:
             return tiny_minigpt4_config()

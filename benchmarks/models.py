@@ -1,7 +1,7 @@
 """Seeded random models built directly on the device, their prompts, and the generate calls every mode times.
 
 Real size: bf16 weights constructed on the device (no fp32 copy on the host), every parameter seeded. Tiny
-(``--smoke-cpu``): the presets of ``modeling_visualglm.testing_utils`` in fp32 on the CPU.
+(``--smoke-cpu``): the presets of ``modeling_visualglm.tools.tiny_models`` in fp32 on the CPU.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def overlap(out: Path, source: Path) -> str | None:
 def check_out(args, out: Path) -> None:
     """Refuse an ``--out`` that would write to a source, replace a folder this tool did not write, or follow a
     symlink (all usage errors, before anything is read)."""
-    from hub_export.writer import refuse_reason
+    from ..hub_export.writer import refuse_reason
 
     clashes = []
     for flag in PATH_FLAGS:
@@ -119,8 +119,8 @@ def check_out(args, out: Path) -> None:
 
 
 def run(args) -> int:
-    from hub_export.weights import parse_size
-    from hub_export.writer import staged_output
+    from ..hub_export.weights import parse_size
+    from ..hub_export.writer import staged_output
 
     fmt = FORMATS[args.format]
     fmt.check_flags(args)
@@ -209,7 +209,7 @@ def _write_plain(tmp, loaded, plan, max_shard, args):
 
 
 def _write_hub(tmp, loaded, plan, max_shard, args, out, fmt):
-    from hub_export.writer import write_hub_folder
+    from ..hub_export.writer import write_hub_folder
 
     source_note = (
         f"Converted with `{PROG} --format {fmt.name}` (modeling_visualglm) from the original "
@@ -251,7 +251,7 @@ def _install_signal_handlers() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits with 2 on usage errors
-    from hub_export.writer import OutputRefused
+    from ..hub_export.writer import OutputRefused
 
     previous = _install_signal_handlers()
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hub_export.weights import write_safetensors_shards
+from ..hub_export.weights import write_safetensors_shards
 
 
 @dataclass

@@ -69,13 +69,10 @@ print(f"check passed in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
 def demo_image() -> Path | None:
-    """The bundled demo image (found without importing the package, so it works from any interpreter)."""
-    import importlib.util
+    """The bundled demo image of the tooling package (``modeling_visualglm.tools``, never part of a hub folder)."""
+    from importlib.resources import files
 
-    spec = importlib.util.find_spec("modeling_visualglm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "demo.png"
+    path = Path(str(files("modeling_visualglm.tools") / "assets" / "demo.png"))
     return path if path.is_file() else None
 
 
@@ -129,7 +126,7 @@ def check_folder(folder: str | Path, dtype: str = "float32", device: str = "cpu"
         return 1
     image = demo_image()
     if image is None:
-        print("check: the bundled demo image (modeling_visualglm/assets/demo.png) is missing", file=sys.stderr)
+        print("check: the bundled demo image (tools/assets/demo.png) is missing", file=sys.stderr)
         return 1
     code = blocker_source() + CHILD
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")

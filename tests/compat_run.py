@@ -29,7 +29,7 @@ LOGITS_TOL = 1e-5
 
 
 def run_one(python: str, folder: Path, name: str, out: Path, strict_warnings: bool) -> tuple[str, int, str, float]:
-    from hub_export.check import blocker_source
+    from modeling_visualglm.hub_export.check import blocker_source
 
     code = blocker_source() + (
         "import runpy, sys\n"

@@ -30,7 +30,7 @@ from modeling_visualglm.processing_cogvlm import (
     parse_boxes,
     parse_grounding,
 )
-from modeling_visualglm.testing_utils import randomize_
+from modeling_visualglm.tools.tiny_models import randomize_
 
 TOL = 1e-4
 # CogVLM1: 56 px → 4x4 patches; CogVLM2: 112 px → 8x8 patches → conv → 4x4 (CONTRACTS §6)

@@ -16,8 +16,8 @@ import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from hub_export.code import import_closure, relative_imports
-from hub_export.families import FAMILIES, package_dir
+from modeling_visualglm.hub_export.code import import_closure, relative_imports
+from modeling_visualglm.hub_export.families import FAMILIES, package_dir
 from modeling_visualglm import compat
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,13 +34,13 @@ from modeling_visualglm.configuration_cogvlm import CogVLMConfig
 from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
 from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
 from modeling_visualglm.processing_cogvlm import build_cogvlm_inputs, build_cogvlm_prompt
-from modeling_visualglm.testing_utils import demo_image_path, randomize_
+from modeling_visualglm.tools.tiny_models import demo_image_path, randomize_
 
-from conversion.cli import main as convert_main
-from hub_export.check import blocker_source, check_folder
-from hub_export.code import import_closure
-from hub_export.families import package_dir
-from hub_export.writer import INCOMPLETE_MARKER
+from modeling_visualglm.conversion.cli import main as convert_main
+from modeling_visualglm.hub_export.check import blocker_source, check_folder
+from modeling_visualglm.hub_export.code import import_closure
+from modeling_visualglm.hub_export.families import package_dir
+from modeling_visualglm.hub_export.writer import INCOMPLETE_MARKER
 
 PY = sys.executable
 THREADS = torch.get_num_threads()
@@ -307,7 +307,7 @@ def converted(tmp_path_factory, sources, tok_dir):
     commands = {}
     for name, src in sources.items():
         fmt = name.rsplit("-", 1)[0] + "-cogvlm"
-        cmd = ["-m", "conversion.cli", "--format", fmt, "--src", src, "--out", base / name, "--no-progress"]
+        cmd = ["-m", "modeling_visualglm.conversion.cli", "--format", fmt, "--src", src, "--out", base / name, "--no-progress"]
         if name != "hf-cogvlm2":  # v2 HF finds its own tokenizer in --src
             cmd += ["--tokenizer", tok_dir]
         commands[name] = cmd
@@ -370,7 +370,7 @@ def test_folders_are_complete_with_cogvlm_code_only(converted, tokenizer):
 
 def test_check_passes_on_converted_folders(converted):
     # one folder per version and layout; the other two are loaded in a fresh interpreter by the logits test
-    procs = run_parallel({name: ["-m", "hub_export.cli", "check", "--folder", converted[name][0]]
+    procs = run_parallel({name: ["-m", "modeling_visualglm.hub_export.cli", "check", "--folder", converted[name][0]]
                           for name in ("hf-cogvlm", "sat-cogvlm2")})
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: {proc.stdout}\n{proc.stderr}"

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
-from conversion.cli import main as convert_main
+from modeling_visualglm.conversion.cli import main as convert_main
 
 VOCAB = 400
 ARCH = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -82,7 +82,7 @@ def spm_dir(tmp_path_factory) -> Path:
     """A LLaMA-like SentencePiece BPE model plus the transformers tokenizer files made from it."""
     import sentencepiece as spm
 
-    from conversion.formats.llama import llama_tokenizer
+    from modeling_visualglm.conversion.formats.llama import llama_tokenizer
 
     folder = tmp_path_factory.mktemp("vicuna_spm")
     spm.SentencePieceTrainer.train(

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from conversion.apply import build_plan
-from conversion.errors import ConversionError
-from conversion.ops import OPS, block_qkv_heads, interleave_qkv_heads
-from conversion.rules import convert, drop, rename
-from conversion.sources import SafetensorsSource, load_torch_file, sharded_torch_source, torch_file_source
-from hub_export.code import import_closure
-from hub_export.weights import parse_size, write_safetensors_shards
-from hub_export.writer import OUTPUT_MARKER, OutputRefused, staged_output
+from modeling_visualglm.conversion.apply import build_plan
+from modeling_visualglm.conversion.errors import ConversionError
+from modeling_visualglm.conversion.ops import OPS, block_qkv_heads, interleave_qkv_heads
+from modeling_visualglm.conversion.rules import convert, drop, rename
+from modeling_visualglm.conversion.sources import SafetensorsSource, load_torch_file, sharded_torch_source, torch_file_source
+from modeling_visualglm.hub_export.code import import_closure
+from modeling_visualglm.hub_export.weights import parse_size, write_safetensors_shards
+from modeling_visualglm.hub_export.writer import OUTPUT_MARKER, OutputRefused, staged_output
 
 
 # --- rule templates ------------------------------------------------------------------------------------

@@ -39,12 +39,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conversion.apply import FLOAT_DTYPES, build_plan
-from conversion.cli import main as convert_main
-from conversion.errors import ConversionError
-from conversion.rules import rename
-from conversion.sources import SafetensorsSource, StateDictSource, _ST_DTYPES
-from hub_export.writer import OUTPUT_MARKER, _owner_tag, remove_leftovers, staged_output
+from modeling_visualglm.conversion.apply import FLOAT_DTYPES, build_plan
+from modeling_visualglm.conversion.cli import main as convert_main
+from modeling_visualglm.conversion.errors import ConversionError
+from modeling_visualglm.conversion.rules import rename
+from modeling_visualglm.conversion.sources import SafetensorsSource, StateDictSource, _ST_DTYPES
+from modeling_visualglm.hub_export.writer import OUTPUT_MARKER, _owner_tag, remove_leftovers, staged_output
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sat(tiny_tokenizer, tmp_path_factory):
-    from modeling_visualglm.demo import write_sat_checkpoint
+    from modeling_visualglm.tools.demo import write_sat_checkpoint
     from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-    from modeling_visualglm.testing_utils import randomize_, tiny_visualglm_config
+    from modeling_visualglm.tools.tiny_models import randomize_, tiny_visualglm_config
 
     torch.manual_seed(0)
     model = randomize_(VisualGLMForConditionalGeneration(tiny_visualglm_config(tiny_tokenizer)).eval(), seed=3)
@@ -482,7 +482,7 @@ def test_mistyped_configs_from_the_issue(sat, tiny_tokenizer_dir, meta_llama, tm
 
 def test_hostile_shard_index(sat, tiny_tokenizer_dir, tmp_path):
     """An index entry that is an int, or a path out of the folder, is named (TypeError / path traversal before)."""
-    from conversion.sources import read_index
+    from modeling_visualglm.conversion.sources import read_index
 
     index = tmp_path / "pytorch_model.bin.index.json"
     index.write_text(json.dumps({"weight_map": {"a": 3, "b": "../../etc/passwd", "c": "/abs.bin", "d": "ok.bin"}}))
@@ -657,9 +657,9 @@ BIG = dict(vocab_size=150_000, hidden_size=256, intermediate_size=512, num_atten
 def big_sat(tiny_tokenizer, tmp_path_factory):
     from types import SimpleNamespace
 
-    from modeling_visualglm.demo import sat_model_config, to_sat_state_dict
+    from modeling_visualglm.tools.demo import sat_model_config, to_sat_state_dict
     from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-    from modeling_visualglm.testing_utils import tiny_visualglm_config
+    from modeling_visualglm.tools.tiny_models import tiny_visualglm_config
 
     cfg = tiny_visualglm_config(tiny_tokenizer, text_config=dict(BIG))
     with torch.device("meta"):
@@ -677,7 +677,7 @@ def big_sat(tiny_tokenizer, tmp_path_factory):
 
 
 def _start(src, tokenizer, out):
-    cmd = [PY, "-m", "conversion.cli", *map(str, sat_args(src, out, tokenizer)), "--dtype", "bfloat16",
+    cmd = [PY, "-m", "modeling_visualglm.conversion.cli", *map(str, sat_args(src, out, tokenizer)), "--dtype", "bfloat16",
            "--max-shard-size", "20MB", "--no-progress"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

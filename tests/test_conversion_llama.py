@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_llama_tokenizer import TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
-from conversion.cli import main as convert_main
-from conversion.ops import concat_mp_shards, replicated, rope_permute
+from modeling_visualglm.conversion.cli import main as convert_main
+from modeling_visualglm.conversion.ops import concat_mp_shards, replicated, rope_permute
 
 REPO = Path(__file__).resolve().parents[1]
 

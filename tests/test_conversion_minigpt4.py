@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
-from conversion.cli import main as convert_main
+from modeling_visualglm.conversion.cli import main as convert_main
 
 VIT_H, QF_H, TXT_H, VOCAB = 176, 64, 48, 400  # ViT head dim 88 (2 heads), Q-Former head dim 64 (1 head)
 LORA_R, LORA_ALPHA = 64, 16  # MiniGPT-v2's peft LoraConfig (spec minigpt4.md)
@@ -181,7 +181,7 @@ def test_unloadable_tokenizer_folder_says_what_it_needs(spm_model, tmp_path, cap
     write_tokenizer_shape(spm_model, files["llm"], "slow")
     argv = ["--format", "minigpt4", "--out", str(tmp_path / "out"), "--no-progress"]
     argv += [a for k, v in files.items() for a in (f"--{k}", str(v))]
-    code = ("import sys; sys.modules['google.protobuf'] = None; from conversion.cli import main; "
+    code = ("import sys; sys.modules['google.protobuf'] = None; from modeling_visualglm.conversion.cli import main; "
             f"sys.exit(main({argv!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
@@ -357,7 +357,7 @@ def test_converted_folder_logits_match_original_files(variant, tmp_path, capsys)
     assert ours.shape[:2] == ref.shape[:2] and ours.shape[-1] == VOCAB + 1  # + the placeholder row
     assert (ours[..., :VOCAB] - ref).abs().max() / ref.abs().max() <= 1e-4
     if variant in ("vicuna0", "llama2"):  # the hub check (fresh interpreter, trust_remote_code, one chat turn)
-        from hub_export.cli import main as export_main
+        from modeling_visualglm.hub_export.cli import main as export_main
 
         capsys.readouterr()
         assert export_main(["check", "--folder", str(out)]) == 0, capsys.readouterr()

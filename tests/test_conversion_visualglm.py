@@ -33,13 +33,13 @@ from torch import nn
 from modeling_visualglm.image_processing_visualglm import VisualGLMImageProcessor
 from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
 from modeling_visualglm.processing_visualglm import build_visualglm_inputs
-from modeling_visualglm.testing_utils import demo_image_path, randomize_, tiny_visualglm_config
+from modeling_visualglm.tools.tiny_models import demo_image_path, randomize_, tiny_visualglm_config
 
-from conversion.cli import main as convert_main
-from hub_export.check import blocker_source
-from hub_export.code import import_closure
-from hub_export.families import package_dir
-from hub_export.writer import INCOMPLETE_MARKER, OUTPUT_MARKER
+from modeling_visualglm.conversion.cli import main as convert_main
+from modeling_visualglm.hub_export.check import blocker_source
+from modeling_visualglm.hub_export.code import import_closure
+from modeling_visualglm.hub_export.families import package_dir
+from modeling_visualglm.hub_export.writer import INCOMPLETE_MARKER, OUTPUT_MARKER
 
 PY = sys.executable
 THREADS = torch.get_num_threads()
@@ -331,10 +331,10 @@ def converted(tmp_path_factory, sources, tiny_tokenizer_dir):
     }
     # the installed console script where there is one, else the module (same entry point)
     script = Path(PY).parent / "visualglm-convert"
-    entry = {"sat-interleaved": ["-c", "import sys; from conversion.cli import main; sys.exit(main())"]}
+    entry = {"sat-interleaved": ["-c", "import sys; from modeling_visualglm.conversion.cli import main; sys.exit(main())"]}
     if script.exists():
         entry["sat-interleaved"] = [script]
-    procs = run_parallel({name: [*entry.get(name, ["-m", "conversion.cli"]), *cmd, "--out", base / name]
+    procs = run_parallel({name: [*entry.get(name, ["-m", "modeling_visualglm.conversion.cli"]), *cmd, "--out", base / name]
                           for name, cmd in commands.items()}, python_for=lambda c: [] if str(c[0]) == str(script) else [PY])
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: {proc.stdout}\n{proc.stderr}"
@@ -430,7 +430,7 @@ def test_streaming_writes_several_shards_with_an_index(converted, ours):
 
 
 def test_check_passes_on_converted_folders(converted):
-    procs = run_parallel({name: ["-m", "hub_export.cli", "check", "--folder", converted[name][0]]
+    procs = run_parallel({name: ["-m", "modeling_visualglm.hub_export.cli", "check", "--folder", converted[name][0]]
                           for name in ("sat-blocked", "hf")})
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: {proc.stdout}\n{proc.stderr}"
@@ -501,7 +501,7 @@ def test_push_to_fake_hub_then_from_pretrained(converted, ours, tiny_tokenizer, 
     out = converted["sat-blocked"][0]
     with FakeHub(lifetime=300) as hub:
         env = dict(os.environ, **hub.env(), HF_HOME=str(tmp_path / "hf_home"))
-        proc = run_cli("-m", "hub_export.cli", "push", "--folder", str(out), "--repo-id", "test-org/tiny-visualglm",
+        proc = run_cli("-m", "modeling_visualglm.hub_export.cli", "push", "--folder", str(out), "--repo-id", "test-org/tiny-visualglm",
                        "--commit-message", "tiny VisualGLM", env=env)
         assert proc.returncode == 0, proc.stderr
         url = proc.stdout.strip().splitlines()[-1]
@@ -515,7 +515,7 @@ def test_push_to_fake_hub_then_from_pretrained(converted, ours, tiny_tokenizer, 
             if name != "README.md":
                 assert remote[name] == data, name
         assert 'model_id = "test-org/tiny-visualglm"' in remote["README.md"].decode()
-        proc = run_cli("-m", "hub_export.cli", "push", "--folder", str(out), "--repo-id", "test-org/tiny-visualglm",
+        proc = run_cli("-m", "modeling_visualglm.hub_export.cli", "push", "--folder", str(out), "--repo-id", "test-org/tiny-visualglm",
                        "--revision", "dev", env=env)
         assert proc.returncode == 0 and "dev" in hub.state.repos["test-org/tiny-visualglm"].branches, proc.stderr
 
@@ -642,7 +642,7 @@ def test_usage_errors_exit_2(sources, tmp_path, capsys):
     assert rc == 2 and "--format sat-visualglm needs --src" in capsys.readouterr().err
     assert_nothing_left(tmp_path / "o")
     # the real subprocess: the console entry point returns the same code
-    proc = run_cli("-m", "conversion.cli", "--format", "nope", "--out", str(tmp_path / "o"))
+    proc = run_cli("-m", "modeling_visualglm.conversion.cli", "--format", "nope", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
@@ -671,8 +671,8 @@ def test_existing_out_is_untouched_unless_forced(sources, tiny_tokenizer_dir, tm
 
 
 def test_missing_tokenizer_marks_the_folder_incomplete(sources, tmp_path, capsys):
-    from hub_export.check import check_folder
-    from hub_export.cli import main as export_main
+    from modeling_visualglm.hub_export.check import check_folder
+    from modeling_visualglm.hub_export.cli import main as export_main
 
     out = tmp_path / "out"
     rc, stdout, _ = convert_in_process(sources["sat-blocked"], out, capsys)

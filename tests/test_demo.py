@@ -6,7 +6,7 @@ import sys
 
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "modeling_visualglm.demo", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "modeling_visualglm.tools.demo", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "max |logits(original) - logits(converted)| = 0" in proc.stdout
@@ -18,7 +18,7 @@ def test_demo_runs_every_stage(tmp_path):
 
 def test_demo_refuses_a_non_empty_out(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
-    proc = subprocess.run([sys.executable, "-m", "modeling_visualglm.demo", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "modeling_visualglm.tools.demo", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "precious"

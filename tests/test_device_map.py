@@ -20,7 +20,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
 from modeling_visualglm.modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-from modeling_visualglm.testing_utils import (
+from modeling_visualglm.tools.tiny_models import (
     randomize_,
     tiny_cogvlm_config,
     tiny_minigpt4_config,
@@ -155,8 +155,8 @@ def test_model_cards_give_each_family_its_skip_list():
     """Hub folders' README shows the 4-bit recipe with the class's own list, not a hand-copied one."""
     import json
 
-    from hub_export.card import render_card
-    from hub_export.families import FAMILIES as HUB_FAMILIES
+    from modeling_visualglm.hub_export.card import render_card
+    from modeling_visualglm.hub_export.families import FAMILIES as HUB_FAMILIES
 
     for family in HUB_FAMILIES.values():
         card = render_card(family, model_id="org/model", source_note="", files_note="", complete=True)

@@ -55,7 +55,7 @@ def stand_ins(tmp_path_factory):
     """``SUBSTITUTIONS`` resolved: tiny hub folders (built once per session, only those the docs use)."""
     from tiny_folders import write_tiny_folder
 
-    from modeling_visualglm.testing_utils import demo_image_path
+    from modeling_visualglm.tools.tiny_models import demo_image_path
 
     root = tmp_path_factory.mktemp("docs_tiny")
     folders: dict[str, str] = {}
@@ -91,7 +91,7 @@ def run_env(tmp_path_factory):
 
 
 def _runner_source() -> str:
-    from hub_export.check import blocker_source
+    from modeling_visualglm.hub_export.check import blocker_source
 
     return blocker_source() + "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
 

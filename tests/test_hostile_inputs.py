@@ -185,7 +185,7 @@ def test_any_pil_mode_gives_a_normalized_tensor(mode, width, height, seed):
 @pytest.fixture(scope="module")
 def tiny_visualglm(tiny_tokenizer):
     from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-    from modeling_visualglm.testing_utils import randomize_, tiny_visualglm_config
+    from modeling_visualglm.tools.tiny_models import randomize_, tiny_visualglm_config
 
     return randomize_(VisualGLMForConditionalGeneration(tiny_visualglm_config(tiny_tokenizer)).eval(), seed=5)
 
@@ -211,7 +211,7 @@ def test_a_huge_query_fails_before_any_compute(tiny_visualglm, tiny_tokenizer):
 def test_cogvlm_counts_positions_not_tokens():
     """CogVLM's image block takes 3 positions for all its tokens: the bound is on positions."""
     from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
-    from modeling_visualglm.testing_utils import tiny_cogvlm_config
+    from modeling_visualglm.tools.tiny_models import tiny_cogvlm_config
 
     config = tiny_cogvlm_config("cogvlm")
     config.text_config.max_position_embeddings = 16

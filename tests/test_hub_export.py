@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hub_export import INCOMPLETE_MARKER
-from hub_export.card import with_model_id
-from hub_export.check import check_folder
-from hub_export.families import VISUALGLM
-from hub_export.writer import write_hub_folder
+from modeling_visualglm.hub_export import INCOMPLETE_MARKER
+from modeling_visualglm.hub_export.card import with_model_id
+from modeling_visualglm.hub_export.check import check_folder
+from modeling_visualglm.hub_export.families import VISUALGLM
+from modeling_visualglm.hub_export.writer import write_hub_folder
 from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-from modeling_visualglm.testing_utils import randomize_, tiny_visualglm_config
+from modeling_visualglm.tools.tiny_models import randomize_, tiny_visualglm_config
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_check_fails_when_the_folder_is_broken(folder, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_check_on_a_device_this_machine_lacks_is_a_one_line_usage_error(folder):
-    cmd = [sys.executable, "-m", "hub_export.cli", "check", "--folder", str(folder), "--device", "cuda"]
+    cmd = [sys.executable, "-m", "modeling_visualglm.hub_export.cli", "check", "--folder", str(folder), "--device", "cuda"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "", proc
     assert proc.stderr.splitlines() == ["visualglm-export check: error: --device cuda: torch "
@@ -88,7 +88,7 @@ def test_check_on_a_device_this_machine_lacks_is_a_one_line_usage_error(folder):
                                             ("cuda:x", "--device 'cuda:x' is not a torch device"),
                                             ("cuda:99", "--device cuda:99: ")])
 def test_check_refuses_bad_devices_before_starting(device, needle, folder, capsys):
-    from hub_export.cli import main
+    from modeling_visualglm.hub_export.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["check", "--folder", str(folder), "--device", device])
@@ -99,8 +99,8 @@ def test_check_refuses_bad_devices_before_starting(device, needle, folder, capsy
 def test_every_cli_option_has_help():
     import argparse
 
-    from conversion.cli import build_parser as convert_parser
-    from hub_export.cli import build_parser as export_parser
+    from modeling_visualglm.conversion.cli import build_parser as convert_parser
+    from modeling_visualglm.hub_export.cli import build_parser as export_parser
 
     parsers = {"visualglm-convert": convert_parser(), "visualglm-export": export_parser()}
     for action in parsers["visualglm-export"]._actions:
@@ -116,11 +116,11 @@ def test_every_cli_option_has_help():
 
 def test_check_cannot_import_our_packages(tmp_path):
     """The check's interpreter really cannot see modeling_visualglm/conversion/hub_export."""
-    from hub_export.check import blocker_source
+    from modeling_visualglm.hub_export.check import blocker_source
 
     code = blocker_source() + (
         "import importlib\n"
-        "for name in ('modeling_visualglm', 'conversion.cli', 'hub_export'):\n"
+        "for name in ('modeling_visualglm', 'modeling_visualglm.conversion.cli', 'hub_export'):\n"
         "    try:\n"
         "        importlib.import_module(name)\n"
         "    except ModuleNotFoundError as e:\n"
@@ -178,8 +178,8 @@ def test_fake_hub_speaks_the_hub_api(tmp_path):
 
 # --- the allow-list (issue #13, "hostile input"): check and push accept only what a hub folder holds -------------
 
-from hub_export.allowlist import ALLOWED_NAMES, scan_folder  # noqa: E402
-from hub_export.push import PushError, push_folder  # noqa: E402
+from modeling_visualglm.hub_export.allowlist import ALLOWED_NAMES, scan_folder  # noqa: E402
+from modeling_visualglm.hub_export.push import PushError, push_folder  # noqa: E402
 
 SECRET = "TOP-SECRET: must never reach the Hub"
 LOCAL_ONLY = {name for name, (_, upload) in ALLOWED_NAMES.items() if not upload}
@@ -303,7 +303,7 @@ def no_child(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("check started the child interpreter on a folder it should have refused")
 
-    monkeypatch.setattr("hub_export.check.subprocess.run", refuse)
+    monkeypatch.setattr("modeling_visualglm.hub_export.check.subprocess.run", refuse)
 
 
 def _reported(text: str) -> set[str]:
@@ -370,7 +370,7 @@ def test_push_uploads_exactly_the_allow_listed_files(folder, tmp_path, hub):
     expected = sorted(p.name for p in f.iterdir() if p.name not in LOCAL_ONLY)
     assert len(_shards(f)) > 1 and "model.safetensors.index.json" in expected
     env = dict(os.environ, **hub.env())
-    cmd = [sys.executable, "-m", "hub_export.cli", "push", "--folder", str(f), "--repo-id", "org/clean"]
+    cmd = [sys.executable, "-m", "modeling_visualglm.hub_export.cli", "push", "--folder", str(f), "--repo-id", "org/clean"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert [(repo, paths) for repo, _, _, paths in hub.commits] == [("org/clean", expected)]
@@ -391,7 +391,7 @@ def test_push_and_check_cli_refuse_with_one_line_per_file(folder, tmp_path, hub)
         offenders.update(ATTACKS[attack](f, ctx))
     env = dict(os.environ, **hub.env())
     for command in (["push", "--folder", str(f), "--repo-id", "org/refused"], ["check", "--folder", str(f)]):
-        proc = subprocess.run([sys.executable, "-m", "hub_export.cli", *command], env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "modeling_visualglm.hub_export.cli", *command], env=env, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc
         assert _reported(proc.stderr) == offenders, proc.stderr
@@ -400,7 +400,7 @@ def test_push_and_check_cli_refuse_with_one_line_per_file(folder, tmp_path, hub)
 
 
 def _swap_after_scan(monkeypatch, swap):
-    import hub_export.push as push_module
+    import modeling_visualglm.hub_export.push as push_module
 
     real = push_module.scan_dir_fd
 

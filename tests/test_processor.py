@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from hub_export.families import FAMILIES
+from modeling_visualglm.hub_export.families import FAMILIES
 from modeling_visualglm import image_processing_visualglm, processing_visualglm
 from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
 from modeling_visualglm.image_processing_visualglm import VisualGLMImageProcessor
@@ -54,7 +54,9 @@ from test_tokenizer import run_isolated
 from tiny_folders import FOLDERS, write_tiny_folder
 from tiny_tokenizer import make_tiny_chatglm_tokenizer
 
-DEMO = Path(image_processing_visualglm.__file__).parent / "assets" / "demo.png"
+from modeling_visualglm.tools.tiny_models import demo_image_path
+
+DEMO = Path(demo_image_path())
 SPEC_MEAN = (0.48145466, 0.4578275, 0.40821073)
 SPEC_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
 from modeling_visualglm.processing_visualglm import build_visualglm_inputs
-from modeling_visualglm.testing_utils import randomize_, tiny_visualglm_config
+from modeling_visualglm.tools.tiny_models import randomize_, tiny_visualglm_config
 
 REL_TOL = 1e-4
 

@@ -23,7 +23,7 @@ def _visualglm(scratch: Path):
     from tiny_tokenizer import make_tiny_chatglm_tokenizer
 
     from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-    from modeling_visualglm.testing_utils import tiny_visualglm_config
+    from modeling_visualglm.tools.tiny_models import tiny_visualglm_config
     from modeling_visualglm.tokenization_chatglm import ChatGLMTokenizer
 
     make_tiny_chatglm_tokenizer(scratch)
@@ -90,9 +90,9 @@ def _minigpt4(scratch: Path):
 
 def write_tiny_folder(name: str, out: Path) -> Path:
     """A complete float32 hub folder of family ``name`` (see ``FOLDERS``) at ``out``."""
-    from hub_export.families import FAMILIES
-    from hub_export.writer import write_hub_folder
-    from modeling_visualglm.testing_utils import randomize_
+    from modeling_visualglm.hub_export.families import FAMILIES
+    from modeling_visualglm.hub_export.writer import write_hub_folder
+    from modeling_visualglm.tools.tiny_models import randomize_
 
     out = Path(out)
     with tempfile.TemporaryDirectory() as scratch:

@@ -144,7 +144,7 @@ def _status(pid: int) -> dict:
 
 
 def run_conversion(src: Path, out: Path, max_shard: str) -> dict:
-    cmd = [sys.executable, "-m", "conversion.cli", "--format", "llama-original", "--src", str(src),
+    cmd = [sys.executable, "-m", "modeling_visualglm.conversion.cli", "--format", "llama-original", "--src", str(src),
            "--out", str(out), "--no-progress", "--max-shard-size", max_shard]
     peaks = {"RssAnon": 0, "VmRSS": 0, "RssFile": 0}
     t0 = time.perf_counter()

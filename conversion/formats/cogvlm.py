@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hub_export.families import COGVLM
+from ...hub_export.families import COGVLM
 
 from ..errors import ConversionError
 from ..rules import drop, rename

@@ -251,7 +251,7 @@ class MiniGPT4Format(Format):
     optional_flags = {"blip2": None, "vit": None, "variant": None}
 
     def load(self, args) -> Loaded:
-        from hub_export.families import MINIGPT4
+        from ...hub_export.families import MINIGPT4
         from modeling_visualglm.configuration_minigpt4 import MiniGPT4Config
         from modeling_visualglm.modeling_minigpt4 import MiniGPT4ForConditionalGeneration
         from modeling_visualglm.processing_minigpt4 import MiniGPT4Tokenizer

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hub_export.families import VISUALGLM
+from ...hub_export.families import VISUALGLM
 
 from ..errors import ConversionError
 from ..rules import convert, drop, rename

@@ -159,8 +159,8 @@ def run_cli(module: str, *args: str) -> None:
 
 
 def build_tiny(tokenizer, seed: int):
-    from .modeling_visualglm import VisualGLMForConditionalGeneration
-    from .testing_utils import randomize_, tiny_visualglm_config
+    from ..modeling_visualglm import VisualGLMForConditionalGeneration
+    from .tiny_models import randomize_, tiny_visualglm_config
 
     torch.manual_seed(seed)
     model = VisualGLMForConditionalGeneration(tiny_visualglm_config(tokenizer, image_size=56)).eval()
@@ -168,7 +168,7 @@ def build_tiny(tokenizer, seed: int):
 
 
 def main(argv=None) -> int:
-    from .testing_utils import demo_image_path
+    from .tiny_models import demo_image_path
     from .tiny_tokenizer import make_tiny_chatglm_tokenizer
 
     ap = argparse.ArgumentParser(prog="visualglm-demo", description=__doc__,
@@ -194,10 +194,10 @@ def main(argv=None) -> int:
         sat_dir = stages.run("write it in SwissArmyTransformer's checkpoint layout", write_sat_checkpoint, model,
                              work / "sat-visualglm")
         hub_dir = work / "visualglm-tiny-hf"
-        stages.run("visualglm-convert --format sat-visualglm", run_cli, "conversion.cli", "--format",
+        stages.run("visualglm-convert --format sat-visualglm", run_cli, "modeling_visualglm.conversion.cli", "--format",
                    "sat-visualglm", "--src", str(sat_dir), "--tokenizer", str(work / "tokenizer" / "ice_text.model"),
                    "--out", str(hub_dir), "--no-progress")
-        stages.run("visualglm-export check (fresh interpreter)", run_cli, "hub_export.cli", "check", "--folder",
+        stages.run("visualglm-export check (fresh interpreter)", run_cli, "modeling_visualglm.hub_export.cli", "check", "--folder",
                    str(hub_dir))
 
         def load():
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         def compare():
             from transformers import AutoProcessor
 
-            from .processing_visualglm import build_visualglm_prompt
+            from ..processing_visualglm import build_visualglm_prompt
 
             processor = AutoProcessor.from_pretrained(str(hub_dir), trust_remote_code=True)
 

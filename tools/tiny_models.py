@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .configuration_visualglm import VisualGLMConfig
+from ..configuration_visualglm import VisualGLMConfig
 
 
 def tiny_visualglm_config(tokenizer=None, *, image_size: int = 56, vocab_size: int | None = None, **overrides):
@@ -56,7 +56,7 @@ _TINY_VISION = dict(patch_size=14, hidden_size=32, intermediate_size=64, num_hid
 def tiny_cogvlm_config(version: str = "cogvlm"):
     """A CogVLM (``version="cogvlm"``, 56 px, 4 KV heads) or CogVLM2 (112 px, so the stride-2 conv sees an
     even 8x8 grid; 2 KV heads) config with 2-layer blocks and a 200-id vocabulary (bos 1, eos 2, pad 0)."""
-    from .configuration_cogvlm import CogVLMConfig, default_text_config, default_vision_config
+    from ..configuration_cogvlm import CogVLMConfig, default_text_config, default_vision_config
 
     return CogVLMConfig(
         version=version,
@@ -69,7 +69,7 @@ def tiny_cogvlm_config(version: str = "cogvlm"):
 
 def tiny_minigpt4_config():
     """A Vicuna-v0 MiniGPT-4 config with 2-layer blocks, a 200-id vocabulary and the placeholder at id 199."""
-    from .configuration_minigpt4 import MiniGPT4Config
+    from ..configuration_minigpt4 import MiniGPT4Config
 
     return MiniGPT4Config(
         variant="vicuna0",
@@ -99,4 +99,4 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
 def demo_image_path() -> str:
     from importlib.resources import files
 
-    return str(files("modeling_visualglm") / "assets" / "demo.png")
+    return str(files("modeling_visualglm.tools") / "assets" / "demo.png")
