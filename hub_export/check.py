@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BLOCKED_PACKAGES = ("modeling_visualglm", "conversion", "hub_export")
+BLOCKED_PACKAGES = ("modeling_visualglm",)  # the runtime and, below it, the tooling (conversion, hub_export, tools)
 
 BLOCKER = """
 import importlib.abc, sys

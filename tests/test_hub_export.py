@@ -115,12 +115,12 @@ def test_every_cli_option_has_help():
 
 
 def test_check_cannot_import_our_packages(tmp_path):
-    """The check's interpreter really cannot see modeling_visualglm/conversion/hub_export."""
+    """The check's interpreter really cannot see modeling_visualglm (runtime and tooling alike)."""
     from modeling_visualglm.hub_export.check import blocker_source
 
     code = blocker_source() + (
         "import importlib\n"
-        "for name in ('modeling_visualglm', 'modeling_visualglm.conversion.cli', 'hub_export'):\n"
+        "for name in ('modeling_visualglm', 'modeling_visualglm.conversion.cli', 'modeling_visualglm.hub_export'):\n"
         "    try:\n"
         "        importlib.import_module(name)\n"
         "    except ModuleNotFoundError as e:\n"
@@ -128,10 +128,10 @@ def test_check_cannot_import_our_packages(tmp_path):
         "import json; print('stdlib ok')\n"
     )
     proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.stdout.split("\n")[:4] == ["blocked modeling_visualglm", "blocked conversion.cli",
-                                            "blocked hub_export", "stdlib ok"], proc.stderr
+    assert proc.stdout.split("\n")[:4] == ["blocked modeling_visualglm", "blocked modeling_visualglm.conversion.cli",
+                                            "blocked modeling_visualglm.hub_export", "stdlib ok"], proc.stderr
     # without the blocker the editable install makes them importable: the blocker is what the check relies on
-    proc = subprocess.run([sys.executable, "-I", "-c", "import hub_export; print('visible')"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-I", "-c", "import modeling_visualglm.hub_export; print('visible')"], capture_output=True,
                           text=True, timeout=60)
     assert proc.stdout.strip() == "visible"
 
