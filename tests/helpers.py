@@ -1,7 +1,104 @@
 """Small helpers shared by the tests."""
 
+import copy
+import math
+
+import torch
+
 
 def enable_checkpointing(model):
     """transformers 5.2x renames gradient_checkpointing_enable; support both (the GPU image has 5.17)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
+
+
+# --- seeded random weights and errors (every parity test's building blocks) -----------------------------------
+
+
+@torch.no_grad()
+def randomize_scaled_(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
+    """Every parameter (norm weights/biases, CLS, positions, queries too) ← randn·scale, seeded, in name order."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(module.named_parameters()):
+        p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return module
+
+
+@torch.no_grad()
+def randomize_fan_in_(model: torch.nn.Module, seed: int, *, is_norm, embed_key: str, rest_scale: float):
+    """Every parameter random: norms N(0, 1) (both signs), matrices ~ 1/sqrt(fan_in) except embeddings (N(0, 1)),
+    everything else (biases) ``rest_scale``·N(0, 1); ``is_norm(name)`` says which parameters are norm weights."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=gen)
+        if is_norm(name):
+            param.copy_(noise)
+        elif param.ndim == 2 and embed_key not in name:
+            param.copy_(noise / math.sqrt(param.shape[1]))
+        elif param.ndim == 2:
+            param.copy_(noise)
+        else:
+            param.copy_(rest_scale * noise)
+    return model
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref| (CONTRACTS §5's relative error)."""
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- behaviour every encoder tower shares (ViT, EVA2-CLIP, Q-Former) -------------------------------------------
+
+
+def assert_batch_matches_single(model, x: torch.Tensor, key: str) -> None:
+    """A batch gives what its rows give one at a time (``model(**{key: x})``)."""
+    with torch.no_grad():
+        batched = model(**{key: x}).last_hidden_state
+        singles = torch.cat([model(**{key: x[i : i + 1]}).last_hidden_state for i in range(len(x))])
+    assert rel_err(batched, singles) <= 1e-5
+
+
+def assert_checkpointing_matches_plain_backward(model, x: torch.Tensor, key: str, input_grad: bool = False) -> None:
+    """Gradient checkpointing changes no gradient (of the parameters, and of the input when ``input_grad``)."""
+    results = []
+    for checkpointing in (False, True):
+        m = copy.deepcopy(model).train()
+        if checkpointing:
+            enable_checkpointing(m)
+            assert all(layer.gradient_checkpointing for layer in m.layers)
+        inp = x.clone().requires_grad_(input_grad)
+        m(**{key: inp}).last_hidden_state.square().mean().backward()
+        results.append(({n: p.grad for n, p in m.named_parameters()}, inp.grad))
+    (plain, plain_x), (ckpt, ckpt_x) = results
+    assert all(g is not None for g in ckpt.values())
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    if input_grad:
+        torch.testing.assert_close(ckpt_x, plain_x, rtol=1e-5, atol=1e-7)
+
+
+SAT_VIT_RENAMES = {
+    "mixins.patch_embedding.proj.weight": "embeddings.patch_embedding.weight",
+    "mixins.patch_embedding.proj.bias": "embeddings.patch_embedding.bias",
+    "transformer.word_embeddings.weight": "embeddings.cls_embedding",
+    "transformer.position_embeddings.weight": "embeddings.position_embedding",
+}
+
+
+def sat_vit_to_ours(sat_sd: dict, extra_renames: dict | None = None) -> dict:
+    """SAT ViT keys (``mixins.eva.model.vit.*`` / ``mixins.eva.vit_model.*`` without the prefix) → ours, written
+    from SAT's module names by hand (the converter's rules are not used here); every key must map."""
+    renames = {**SAT_VIT_RENAMES, **(extra_renames or {})}
+    out = {}
+    for key, value in sat_sd.items():
+        if key in renames:
+            out[renames[key]] = value
+        elif key.startswith("transformer.layers."):
+            out[key[len("transformer.") :]] = value
+        else:
+            raise AssertionError(f"unmapped SAT key {key}")
+    return out

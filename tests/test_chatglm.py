@@ -5,12 +5,11 @@ runs), built on CPU in SAT's model-only mode with its own ``get_args`` defaults 
 ``get_inputs`` (``get_masks`` / ``get_position_ids``) builds.
 """
 
-import math
 
 import pytest
 import torch
 
-from helpers import enable_checkpointing
+from helpers import enable_checkpointing, randomize_fan_in_, rel_err
 from transformers import DynamicCache, StaticCache
 
 from modeling_visualglm.chatglm import (
@@ -35,21 +34,8 @@ def tiny_config(**overrides) -> ChatGLMConfig:
     return ChatGLMConfig(**kwargs)
 
 
-@torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random: LayerNorm weights with both signs, Linear weights ~ 1/sqrt(fan_in)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=gen)
-        if "layernorm" in name and name.endswith("weight"):
-            param.copy_(noise)
-        elif param.ndim == 2 and "embeddings" not in name:
-            param.copy_(noise / math.sqrt(param.shape[1]))
-        elif param.ndim == 2:
-            param.copy_(noise)
-        else:
-            param.copy_(0.2 * noise)
-    return model
+    return randomize_fan_in_(model, seed, is_norm=lambda name: "layernorm" in name and name.endswith("weight"), embed_key="embeddings", rest_scale=0.2)
 
 
 def build_model(seed: int = 0, **overrides) -> ChatGLMModel:
@@ -73,10 +59,6 @@ def left_pad(rows):
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 # ---------------------------------------------------------------------------------------------------

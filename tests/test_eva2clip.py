@@ -14,6 +14,7 @@ from torch import nn
 from modeling_visualglm.configuration_blocks import EvaVisionConfig
 from modeling_visualglm.eva_vit import EvaVisionModel
 
+from helpers import randomize_scaled_, rel_err, sat_vit_to_ours
 from sat_reference import import_sat
 
 HIDDEN, HEADS, INTER, LAYERS, IMAGE, PATCH = 48, 4, 96, 2, 56, 14
@@ -29,17 +30,6 @@ def eva2_config(**overrides) -> EvaVisionConfig:
     )
     kwargs.update(overrides)
     return EvaVisionConfig(**kwargs)
-
-
-def randomize_(module: nn.Module, seed: int, scale: float = 0.3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def pixels(batch: int, seed: int = 0) -> torch.Tensor:
@@ -67,29 +57,15 @@ def build_sat_eva2clip():
 
 
 def sat_to_ours(sat_sd: dict) -> dict:
-    """SAT ``mixins.eva.vit_model.*`` keys (without that prefix) → ours; every key must map."""
-    renames = {
-        "mixins.patch_embedding.proj.weight": "embeddings.patch_embedding.weight",
-        "mixins.patch_embedding.proj.bias": "embeddings.patch_embedding.bias",
-        "transformer.word_embeddings.weight": "embeddings.cls_embedding",
-        "transformer.position_embeddings.weight": "embeddings.position_embedding",
-    }
-    out = {}
-    for key, value in sat_sd.items():
-        if key in renames:
-            out[renames[key]] = value
-        elif key.startswith("transformer.layers."):
-            out[key[len("transformer.") :]] = value
-        else:
-            raise AssertionError(f"unmapped SAT key {key}")
-    return out
+    """SAT ``mixins.eva.vit_model.*`` keys (without that prefix) → ours: the plain ViT names."""
+    return sat_vit_to_ours(sat_sd)
 
 
 @pytest.fixture(scope="module")
 def sat_pair():
     torch.manual_seed(0)
     sat_model = build_sat_eva2clip()
-    randomize_(sat_model, seed=1)
+    randomize_scaled_(sat_model, seed=1)
     ours = EvaVisionModel(eva2_config()).eval()
     ours.load_state_dict(sat_to_ours(sat_model.state_dict()), strict=True)
     return sat_model, ours
@@ -118,7 +94,7 @@ def test_pre_ln_order_would_differ(sat_pair):
 def test_post_sublayer_layer_math():
     # one block by hand: x + LN_in(Attn(x)), then + LN_post(MLP(x)); no norm after the last block
     model = EvaVisionModel(eva2_config(num_hidden_layers=1, drop_cls_token=False)).eval()
-    randomize_(model, seed=3)
+    randomize_scaled_(model, seed=3)
     layer = model.layers[0]
     x = pixels(1, seed=4)
     with torch.no_grad():

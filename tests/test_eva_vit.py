@@ -4,12 +4,13 @@ Tiny, seeded, float32, every parameter random (LayerNorm weights and biases too)
 14 px patches give a 4x4 grid, so patch order (row-major) and CLS placement are visible.
 """
 
-import copy
-
 import pytest
 import torch
 
-from helpers import enable_checkpointing
+from helpers import (
+    assert_batch_matches_single, assert_checkpointing_matches_plain_backward, randomize_scaled_, rel_err,
+    sat_vit_to_ours,
+)
 from torch import nn
 
 from modeling_visualglm.configuration_blocks import EvaVisionConfig
@@ -22,29 +23,11 @@ HIDDEN, HEADS, INTER, LAYERS, IMAGE, PATCH = 32, 4, 80, 2, 56, 14
 
 def tiny_config(**overrides) -> EvaVisionConfig:
     kwargs = dict(
-        image_size=IMAGE,
-        patch_size=PATCH,
-        hidden_size=HIDDEN,
-        intermediate_size=INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        layer_norm_eps=1e-6,
-        post_layernorm_eps=1e-5,
+        image_size=IMAGE, patch_size=PATCH, hidden_size=HIDDEN, intermediate_size=INTER,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS, layer_norm_eps=1e-6, post_layernorm_eps=1e-5,
     )
     kwargs.update(overrides)
     return EvaVisionConfig(**kwargs)
-
-
-def randomize_(module: nn.Module, seed: int, scale: float = 0.2) -> None:
-    """Every parameter (incl. norm weights/biases, CLS, positions) ← randn·scale, seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def pixels(batch: int, seed: int = 0) -> torch.Tensor:
@@ -53,7 +36,7 @@ def pixels(batch: int, seed: int = 0) -> torch.Tensor:
 
 def make_model(seed: int = 0, **overrides) -> EvaVisionModel:
     model = EvaVisionModel(tiny_config(**overrides)).eval()
-    randomize_(model, seed)
+    randomize_scaled_(model, seed)
     return model
 
 
@@ -112,30 +95,15 @@ def build_sat_evavit():
 
 
 def sat_to_ours(sat_sd: dict) -> dict:
-    """Rename SAT ``mixins.eva.model.vit.*`` keys (without that prefix) to ours; every key must map."""
-    renames = {
-        "mixins.patch_embedding.proj.weight": "embeddings.patch_embedding.weight",
-        "mixins.patch_embedding.proj.bias": "embeddings.patch_embedding.bias",
-        "transformer.word_embeddings.weight": "embeddings.cls_embedding",
-        "transformer.position_embeddings.weight": "embeddings.position_embedding",
-        "mixins.cls.ln_vision.weight": "post_layernorm.weight",
-        "mixins.cls.ln_vision.bias": "post_layernorm.bias",
-    }
-    out = {}
-    for key, value in sat_sd.items():
-        if key in renames:
-            out[renames[key]] = value
-        elif key.startswith("transformer.layers."):
-            out[key[len("transformer.") :]] = value
-        else:
-            raise AssertionError(f"unmapped SAT key {key}")
-    return out
+    """SAT ``mixins.eva.model.vit.*`` keys (without that prefix) → ours: the ViT names plus BLIP-2's ln_vision."""
+    return sat_vit_to_ours(sat_sd, {"mixins.cls.ln_vision.weight": "post_layernorm.weight",
+                                    "mixins.cls.ln_vision.bias": "post_layernorm.bias"})
 
 
 def test_matches_sat_visualglm_evavit():
     torch.manual_seed(0)
     sat_model = build_sat_evavit()
-    randomize_(sat_model, seed=1)
+    randomize_scaled_(sat_model, seed=1)
     sat_sd = {k: v for k, v in sat_model.state_dict().items()}
     # the K slice of the qkv bias is random here; it cannot change attention (constant per query row)
     ours = EvaVisionModel(tiny_config()).eval()
@@ -161,15 +129,8 @@ def test_matches_transformers_blip2_vision_model():
         for layer in ours.layers:
             layer.attention.query_key_value.bias[HIDDEN : 2 * HIDDEN] = 0.0
     cfg = Blip2VisionConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        hidden_act="gelu",
-        layer_norm_eps=1e-6,
-        qkv_bias=True,
+        hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        image_size=IMAGE, patch_size=PATCH, hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True,
         attention_dropout=0.0,
     )
     hf = Blip2VisionModel(cfg).eval()
@@ -245,29 +206,11 @@ def test_eager_matches_sdpa():
 
 
 def test_batch_matches_single():
-    model = make_model(seed=8)
-    x = pixels(3, seed=9)
-    with torch.no_grad():
-        batched = model(pixel_values=x).last_hidden_state
-        singles = torch.cat([model(pixel_values=x[i : i + 1]).last_hidden_state for i in range(3)])
-    assert rel_err(batched, singles) <= 1e-5
+    assert_batch_matches_single(make_model(seed=8), pixels(3, seed=9), "pixel_values")
 
 
 def test_gradient_checkpointing_matches_plain_backward():
-    model = make_model(seed=10)
-    x = pixels(2, seed=11)
-    grads = []
-    for checkpointing in (False, True):
-        m = copy.deepcopy(model).train()
-        if checkpointing:
-            enable_checkpointing(m)
-            assert all(layer.gradient_checkpointing for layer in m.layers)
-        m(pixel_values=x).last_hidden_state.square().mean().backward()
-        grads.append({n: p.grad for n, p in m.named_parameters()})
-    plain, ckpt = grads
-    assert all(g is not None for g in ckpt.values())
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_checkpointing_matches_plain_backward(make_model(seed=10), pixels(2, seed=11), "pixel_values")
 
 
 def test_pixel_values_cast_to_tower_dtype():
@@ -293,7 +236,7 @@ def test_init_weights_covers_every_parameter(tmp_path):
             else:
                 assert 0.005 < p.std().item() < 0.05, name
     # save → load keeps the weights (transformers must not re-initialize them on load)
-    randomize_(model, seed=14)
+    randomize_scaled_(model, seed=14)
     model.save_pretrained(tmp_path)
     loaded = EvaVisionModel.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import enable_checkpointing
+from helpers import enable_checkpointing, randomize_fan_in_, rel_err
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -40,21 +40,8 @@ def tiny_config(preset: str = "v1", **overrides) -> LlamaExpertConfig:
     return LlamaExpertConfig(**kwargs)
 
 
-@torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random: norm weights N(0, 1) (both signs), Linear weights ~ 1/sqrt(fan_in), biases small."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=gen)
-        if "norm" in name:
-            param.copy_(noise)
-        elif param.ndim == 2 and "embed" not in name:
-            param.copy_(noise / math.sqrt(param.shape[1]))
-        elif param.ndim == 2:
-            param.copy_(noise)
-        else:
-            param.copy_(0.5 * noise)
-    return model
+    return randomize_fan_in_(model, seed, is_norm=lambda name: "norm" in name, embed_key="embed", rest_scale=0.5)
 
 
 def build(preset: str = "v1", seed: int = 0, **overrides) -> LlamaExpertModel:
@@ -65,10 +52,6 @@ def build(preset: str = "v1", seed: int = 0, **overrides) -> LlamaExpertModel:
 def lm_head(model: LlamaExpertModel, seed: int = 99) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(VOCAB, model.config.hidden_size, generator=gen) / math.sqrt(model.config.hidden_size)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def random_ids(n: int, seed: int) -> torch.Tensor:

@@ -4,11 +4,11 @@ Tiny, seeded, float32, every parameter random (LayerNorm weights and biases too)
 (B, 1 + 4x4, E) tensor with E != H so that the cross-attention's input width is exercised.
 """
 
-import copy
-
 import torch
 
-from helpers import enable_checkpointing
+from helpers import (
+    assert_batch_matches_single, assert_checkpointing_matches_plain_backward, randomize_scaled_, rel_err,
+)
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -22,29 +22,11 @@ HIDDEN, HEADS, INTER, LAYERS, QUERIES, ENC, ENC_LEN = 32, 4, 64, 2, 8, 48, 17
 
 def tiny_config(**overrides) -> QFormerConfig:
     kwargs = dict(
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTER,
-        num_query_tokens=QUERIES,
-        encoder_hidden_size=ENC,
-        cross_attention_frequency=2,
-        layer_norm_eps=1e-12,
+        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER,
+        num_query_tokens=QUERIES, encoder_hidden_size=ENC, cross_attention_frequency=2, layer_norm_eps=1e-12,
     )
     kwargs.update(overrides)
     return QFormerConfig(**kwargs)
-
-
-def randomize_(module: nn.Module, seed: int, scale: float = 0.2) -> None:
-    """Every parameter (incl. norm weights/biases and the queries) ← randn·scale, seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def image_tokens(batch: int, seed: int = 0) -> torch.Tensor:
@@ -53,7 +35,7 @@ def image_tokens(batch: int, seed: int = 0) -> torch.Tensor:
 
 def make_model(seed: int = 0, **overrides) -> QFormerModel:
     model = QFormerModel(tiny_config(**overrides)).eval()
-    randomize_(model, seed)
+    randomize_scaled_(model, seed)
     return model
 
 
@@ -134,7 +116,7 @@ def sat_to_ours(sat_sd: dict) -> dict:
 def test_matches_sat_visualglm_qformer():
     torch.manual_seed(0)
     sat_model = build_sat_qformer()
-    randomize_(sat_model, seed=1)
+    randomize_scaled_(sat_model, seed=1)
     ours = QFormerModel(tiny_config()).eval()
     ours.load_state_dict(sat_to_ours(sat_model.state_dict()), strict=True)
 
@@ -256,32 +238,13 @@ def test_eager_matches_sdpa():
 
 
 def test_batch_matches_single():
-    model = make_model(seed=8)
-    enc = image_tokens(3, seed=9)
-    with torch.no_grad():
-        batched = model(encoder_hidden_states=enc).last_hidden_state
-        singles = torch.cat([model(encoder_hidden_states=enc[i : i + 1]).last_hidden_state for i in range(3)])
-    assert rel_err(batched, singles) <= 1e-5
+    assert_batch_matches_single(make_model(seed=8), image_tokens(3, seed=9), "encoder_hidden_states")
 
 
 def test_gradient_checkpointing_matches_plain_backward():
-    model = make_model(seed=10)
-    enc = image_tokens(2, seed=11)
-    results = []
-    for checkpointing in (False, True):
-        m = copy.deepcopy(model).train()
-        if checkpointing:
-            enable_checkpointing(m)
-            assert all(layer.gradient_checkpointing for layer in m.layers)
-        x = enc.clone().requires_grad_(True)
-        m(encoder_hidden_states=x).last_hidden_state.square().mean().backward()
-        results.append(({n: p.grad for n, p in m.named_parameters()}, x.grad))
-    (plain, plain_x), (ckpt, ckpt_x) = results
-    assert all(g is not None for g in ckpt.values())
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
-    # gradients reach the image features through the checkpointed cross-attention
-    torch.testing.assert_close(ckpt_x, plain_x, rtol=1e-5, atol=1e-7)
+    # gradients also reach the image features through the checkpointed cross-attention
+    assert_checkpointing_matches_plain_backward(make_model(seed=10), image_tokens(2, seed=11),
+                                                "encoder_hidden_states", input_grad=True)
 
 
 def test_init_weights_covers_every_parameter():
