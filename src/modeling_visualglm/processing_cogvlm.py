@@ -27,6 +27,11 @@ Deliberate differences from the originals:
   coordinates are computed in integers (``v * size // 1000``) instead of ``int(v / 1000 * size)``.
 - A Jinja chat template renders the same prompt from ``messages`` for the processor's ``template_version`` (at
   most one image per conversation; it goes right after bos wherever it appears in the messages).
+- User text is always text: the prompt holds no control tokens (bos and the image block are added as ids), so it
+  is encoded with ``split_special_tokens=True`` and ``<s>``, ``</s>``, ``<unk>`` (CogVLM2: ``<|begin_of_text|>``,
+  ``<|eot_id|>`` …) typed by a user are plain text; the original read them as control ids.
+- Image sizes and box coordinates must be finite and at most ``MAX_IMAGE_SIDE`` pixels: anything else (inf, NaN,
+  1e307, bools) is a ``ValueError`` instead of an ``OverflowError`` or a silent cast.
 """
 
 from __future__ import annotations
@@ -153,7 +158,20 @@ def build_cogvlm_inputs(
     ids = [tokenizer.bos_token_id]
     if has_image:
         ids += [image_token_id] * num_image_tokens
-    return ids + tokenizer.encode(prompt, add_special_tokens=False)
+    return ids + encode_text(tokenizer, prompt)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` with every special-token string in it read as plain text (no bos/eos added)."""
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    # a tokenizer whose model still merges text into a control token would break the guarantee: refuse it
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    leaked = sorted({i for i in ids if i in specials})
+    if leaked:
+        raise ValueError(f"the tokenizer encoded text to special id(s) {leaked}; it cannot keep user text as text")
+    return ids
 
 
 def process_response(response: str, stop_strings=("</s>", "<|end_of_text|>", "<|eot_id|>")) -> str:
@@ -284,16 +302,42 @@ def _image_kwargs(kwargs: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 _BOX_GROUP = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
-_COORD = re.compile(r"\s*(\d{1,3})\s*")
+_COORD = re.compile(r"\s*([0-9]{1,3})\s*")
+
+
+# Larger than any image PIL opens by default (its bomb limit is ~179M pixels); keeps the integer arithmetic exact
+# and rules out sizes that only an attacker or a bug would pass.
+MAX_IMAGE_SIDE = 1 << 20
+
+
+def _number(value, what: str) -> float:
+    """``value`` as a float: ints, floats and NumPy/torch scalars; bools, strings and the like are refused."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
+        raise ValueError(f"{what} must be a number within +-{MAX_IMAGE_SIDE}, got {value!r}") from None
+    if number != number or abs(number) > MAX_IMAGE_SIDE:  # NaN, inf, 1e307
+        raise ValueError(f"{what} must be a finite number within +-{MAX_IMAGE_SIDE}, got {value!r}")
+    return number
+
+
+def _dimension(value, what: str) -> int:
+    number = _number(value, what)
+    if number < 1:
+        raise ValueError(f"{what} must be at least 1 pixel, got {value!r}")
+    return int(number)
 
 
 def _image_size(image_size) -> tuple[int, int]:
     if hasattr(image_size, "size") and not isinstance(image_size, (tuple, list)):
         image_size = image_size.size  # a PIL image: (width, height)
-    width, height = (int(v) for v in image_size)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive (width, height), got {image_size!r}")
-    return width, height
+    try:
+        width, height = image_size
+    except (TypeError, ValueError):
+        raise ValueError(f"image size must be (width, height) or a PIL image, got {image_size!r}") from None
+    return _dimension(width, "image width"), _dimension(height, "image height")
 
 
 def parse_boxes(box_text: str, image_size) -> list[tuple[int, int, int, int]]:
@@ -341,7 +385,11 @@ def parse_grounding(response: str, image_size) -> list[dict]:
 def format_box(box, image_size) -> str:
     """A pixel box (x0, y0, x1, y1) → ``[[x0,y0,x1,y1]]`` in thousandths (3 digits), for grounding prompts."""
     width, height = _image_size(image_size)
-    x0, y0, x1, y1 = box
+    try:
+        x0, y0, x1, y1 = box
+    except (TypeError, ValueError):
+        raise ValueError(f"a box is four numbers (x0, y0, x1, y1), got {box!r}") from None
+    x0, y0, x1, y1 = (_number(v, name) for v, name in zip((x0, y0, x1, y1), ("x0", "y0", "x1", "y1")))
     scaled = [x0 * 1000 / width, y0 * 1000 / height, x1 * 1000 / width, y1 * 1000 / height]
     return "[[" + ",".join(f"{min(999, max(0, int(round(v)))):03d}" for v in scaled) + "]]"
 
@@ -373,6 +421,7 @@ __all__ = [
     "build_cogvlm_inputs",
     "cogvlm_token_type_ids",
     "draw_grounding",
+    "encode_text",
     "format_box",
     "parse_boxes",
     "parse_grounding",

@@ -21,9 +21,28 @@ Deliberate differences:
   original compared the tail to the two LLaMA id sequences [835] and [2277, 29937].
 - A Jinja chat template per variant renders the same prompt from ``messages`` (at most one image per conversation,
   placed in the first user message wherever it appears: the demo uploads the image before the first question).
+
+User text (query and history) is always text; the original's legacy tokenizer read a ``<s>`` / ``</s>`` typed by
+a user as BOS / EOS. The prompt builder marks the template's own ``<s>`` (LLaMA-2 / MiniGPT-v2 ``<s>[INST]``) and
+the image slot structurally, and every stretch of text between them is encoded with ``split_special_tokens=True``;
+for text without special-token strings the ids are exactly the legacy ones. Two strings are refused rather than
+encoded:
+
+- ``<ImageHere>`` in the query or in any history turn: ``ValueError`` naming where. It is the image mark of the
+  formatted prompts that :class:`MiniGPT4Processor` and the chat template exchange as strings, so letting a user
+  write it would make an image slot nobody asked for on that path; refusing it everywhere keeps the chat,
+  builder, template and processor paths in agreement (the chat template refuses it too).
+- An empty (or all-whitespace) query: ``ValueError`` (the original sent an empty question to the model).
+
+:class:`MiniGPT4Processor` takes formatted prompt strings; there ``<s>`` is BOS only where the variant's template
+puts it (at each ``<s>[INST] ``), and any other ``<s>`` / ``</s>`` is text. A user who types the whole role
+string ``<s>[INST] `` into a prompt given to the processor cannot be told from the template (a string carries no
+structure); ``chat`` and :func:`build_minigpt4_inputs` have no such gap.
 """
 
 from __future__ import annotations
+
+import re
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -48,24 +67,58 @@ TEMPLATES = {
 STOP_STRINGS = {"vicuna0": ["###"], "llama2": ["###"], "minigptv2": []}
 
 
-def build_minigpt4_prompt(variant: str, query: str, history=None, has_image: bool = True) -> str:
-    """The conversation text of one turn. The image (if any) is the first user message, which ``ask()``
-    extends with the first query after a space; ``history`` holds earlier (query, answer) pairs."""
+class _Slot(str):
+    """A template-made control position in a prompt's parts (BOS, EOS or the image); rendered as its string."""
+
+
+BOS, EOS, IMAGE = _Slot("<s>"), _Slot("</s>"), _Slot(IMAGE_HERE)
+_LEGACY_SPECIALS = re.compile("(<s>|</s>)")
+
+
+def _template_parts(text: str) -> list:
+    """A template string (ours, never the user's) as parts: its literal ``<s>`` / ``</s>`` become slots."""
+    slots = {"<s>": BOS, "</s>": EOS}
+    return [slots.get(piece, piece) for piece in _LEGACY_SPECIALS.split(text) if piece]
+
+
+def _check_user_text(text: str, where: str) -> None:
+    if IMAGE_HERE in text:
+        raise ValueError(
+            f"{where} contains the image marker {IMAGE_HERE!r}, which MiniGPT-4 reserves for the image slot; "
+            "pass the image separately (as the image argument or an image block)"
+        )
+
+
+def minigpt4_prompt_parts(variant: str, query: str, history=None, has_image: bool = True) -> list:
+    """The prompt of one turn as a list of plain-text strings (user text and template text) and the slots
+    ``BOS`` / ``EOS`` / ``IMAGE`` that only the template inserts. ``"".join(parts)`` is the prompt string."""
     if variant not in TEMPLATES:
         raise ValueError(f"unknown MiniGPT-4 variant {variant!r}; expected one of {sorted(TEMPLATES)}")
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, got {type(query).__name__}")
-    if IMAGE_HERE in query:
-        raise ValueError(f"query contains the image marker {IMAGE_HERE!r}; pass the image separately")
-    system, user, assistant, sep = TEMPLATES[variant]
-    turns = check_history(history) + [(query, None)]
-    prompt = system + sep
+    if not query.strip():
+        raise ValueError("query is empty")
+    _check_user_text(query, "the query")
+    turns = check_history(history)
     for i, (q, a) in enumerate(turns):
-        if i == 0 and has_image:
-            q = f"{IMAGE_SEGMENT} {q}"
-        prompt += user + q + sep
-        prompt += assistant if a is None else assistant + a + sep
-    return prompt
+        _check_user_text(q, f"history[{i}] (query)")
+        _check_user_text(a, f"history[{i}] (answer)")
+    system, user, assistant, sep = TEMPLATES[variant]
+    parts = _template_parts(system + sep)
+    for i, (q, a) in enumerate(turns + [(query, None)]):
+        parts += _template_parts(user)
+        if i == 0 and has_image:  # IMAGE_SEGMENT + " ", the image going where <ImageHere> is
+            parts += ["<Img>", IMAGE, "</Img> "]
+        parts.append(q)
+        parts += _template_parts(sep)
+        parts += _template_parts(assistant) if a is None else _template_parts(assistant) + [a] + _template_parts(sep)
+    return [part for part in parts if part]
+
+
+def build_minigpt4_prompt(variant: str, query: str, history=None, has_image: bool = True) -> str:
+    """The conversation text of one turn. The image (if any) is the first user message, which ``ask()``
+    extends with the first query after a space; ``history`` holds earlier (query, answer) pairs."""
+    return "".join(minigpt4_prompt_parts(variant, query, history, has_image=has_image))
 
 
 def _jinja_string(text: str) -> str:
@@ -140,24 +193,71 @@ def legacy_encode(tokenizer, text: str) -> list[int]:
 
 def build_minigpt4_inputs(tokenizer, variant: str, query: str, history=None, has_image: bool = True,
                           num_image_tokens: int = 32, image_token_id: int | None = None) -> list[int]:
-    """Prompt ids: BOS + segment ids, with ``num_image_tokens`` × ``image_token_id`` where ``<ImageHere>`` was."""
-    prompt = build_minigpt4_prompt(variant, query, history, has_image=has_image)
-    return encode_minigpt4_prompt(tokenizer, prompt, num_image_tokens, image_token_id)
+    """Prompt ids: BOS + segment ids, with ``num_image_tokens`` × ``image_token_id`` where ``<ImageHere>`` was.
+    Only the template's ``<s>`` becomes BOS; the user's text is encoded as text."""
+    parts = minigpt4_prompt_parts(variant, query, history, has_image=has_image)
+    return encode_minigpt4_parts(tokenizer, parts, num_image_tokens, image_token_id)
 
 
-def encode_minigpt4_prompt(tokenizer, prompt: str, num_image_tokens: int = 32, image_token_id: int | None = None
-                           ) -> list[int]:
-    """Ids of a formatted prompt: BOS + the legacy ids of each segment, ``num_image_tokens`` × ``image_token_id``
-    where each ``<ImageHere>`` was."""
-    segments = prompt.split(IMAGE_HERE)
+def encode_minigpt4_parts(tokenizer, parts: list, num_image_tokens: int = 32, image_token_id: int | None = None
+                          ) -> list[int]:
+    """BOS + the ids of ``parts`` (see :func:`minigpt4_prompt_parts`): each run of text between two slots is one
+    SentencePiece input (own dummy-prefix "▁", special-token strings read as text), as the legacy tokenizer
+    encoded each stretch between specials; ``BOS``/``EOS`` are the ids, ``IMAGE`` the placeholder run."""
     if image_token_id is None:
         image_token_id = tokenizer.image_token_id
+    slot_ids = {BOS: [tokenizer.bos_token_id], EOS: [tokenizer.eos_token_id], IMAGE: [image_token_id] * num_image_tokens}
     ids = [tokenizer.bos_token_id]  # the original adds BOS to the first segment only
-    for i, segment in enumerate(segments):
-        if i:
-            ids += [image_token_id] * num_image_tokens
-        ids += legacy_encode(tokenizer, segment)
+    text = ""
+    for part in parts:
+        if isinstance(part, _Slot):
+            ids += encode_text(tokenizer, text) + slot_ids[part]
+            text = ""
+        else:
+            text += part
+    return ids + encode_text(tokenizer, text)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` with every special-token string in it read as plain text (no BOS added)."""
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    # a tokenizer whose model still merges text into a control token would break the guarantee: refuse it
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    leaked = sorted({i for i in ids if i in specials})
+    if leaked:
+        raise ValueError(f"the tokenizer encoded text to special id(s) {leaked}; it cannot keep user text as text")
     return ids
+
+
+def parse_minigpt4_prompt(prompt: str, variant: str | None = None) -> list:
+    """A formatted prompt string back as parts: every ``<ImageHere>`` is the image slot; ``<s>`` / ``</s>`` are
+    BOS / EOS only inside the variant's own template strings (``<s>[INST] ``), text everywhere else. Without a
+    variant every literal ``<s>`` / ``</s>`` is a slot, as the original's legacy tokenizer read them."""
+    if variant is None:
+        specials = ["<s>", "</s>"]
+    elif variant not in TEMPLATES:
+        raise ValueError(f"unknown MiniGPT-4 variant {variant!r}; expected one of {sorted(TEMPLATES)}")
+    else:  # the template strings holding a literal <s> / </s>, longest first
+        specials = sorted({p for p in TEMPLATES[variant] if "<s>" in p or "</s>" in p}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(p) for p in [IMAGE_HERE] + specials))
+    parts: list = []
+    last = 0
+    for match in pattern.finditer(prompt):
+        parts.append(prompt[last:match.start()])
+        parts += [IMAGE] if match.group() == IMAGE_HERE else _template_parts(match.group())
+        last = match.end()
+    parts.append(prompt[last:])
+    return [part for part in parts if part]
+
+
+def encode_minigpt4_prompt(tokenizer, prompt: str, num_image_tokens: int = 32, image_token_id: int | None = None,
+                           variant: str | None = None) -> list[int]:
+    """Ids of a formatted prompt: BOS + the ids of each segment, ``num_image_tokens`` × ``image_token_id`` where
+    each ``<ImageHere>`` was. With ``variant``, only that template's ``<s>`` is BOS (see
+    :func:`parse_minigpt4_prompt`); without it, every literal ``<s>`` / ``</s>``, as :func:`legacy_encode`."""
+    return encode_minigpt4_parts(tokenizer, parse_minigpt4_prompt(prompt, variant), num_image_tokens, image_token_id)
 
 
 def process_response(text: str) -> str:
@@ -235,7 +335,7 @@ class MiniGPT4Processor(ProcessorMixin):
                 f"{len(flat_images)} image(s) given; each image needs exactly one marker"
             )
         image_kwargs = _image_kwargs(kwargs)
-        rows = [encode_minigpt4_prompt(self.tokenizer, t, self.num_image_tokens) for t in texts]
+        rows = [encode_minigpt4_prompt(self.tokenizer, t, self.num_image_tokens, variant=self.variant) for t in texts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
         width = max(len(r) for r in rows)
         data = {
@@ -260,6 +360,10 @@ __all__ = [
     "MiniGPT4Processor",
     "MiniGPT4Tokenizer",
     "encode_minigpt4_prompt",
+    "encode_minigpt4_parts",
+    "encode_text",
+    "minigpt4_prompt_parts",
+    "parse_minigpt4_prompt",
     "build_minigpt4_prompt",
     "build_minigpt4_inputs",
     "minigpt4_chat_template",

@@ -21,6 +21,13 @@ Deliberate differences from the original:
   and the HF ``chat`` only knows Chinese (pass ``english=False`` to force that).
 - The processor also works on batches (left padding), checks that images and ``<img></img>`` markers match,
   and rejects empty queries and malformed histories with errors naming the problem.
+- User text is always text (the originals read ``[gMASK]``, ``<sop>``, ``<eop>``, ``<pad>``, ``<unk>`` typed by a
+  user as control ids). Prompts are encoded with ``split_special_tokens=True``: SentencePiece never produces a
+  CONTROL piece from text, so the only control ids are the ``[gMASK], <sop>`` the template appends. The image slot
+  is structural: only a ``<img></img>`` at the very start of a prompt (where the template puts it; every user turn
+  starts after "问：" / "Q:") is replaced by the image; ``<img></img>`` anywhere else is encoded as text. The one
+  string refused in user text is the placeholder ``<image>`` itself (ValueError), so that a decoded prompt never
+  shows a fake image run.
 - A Jinja chat template renders the same prompt from ``messages`` (one image per conversation, as the model
   was trained; the image goes first wherever it appears in the messages).
 """
@@ -121,16 +128,43 @@ def build_visualglm_inputs(
     english: bool | None = None,
 ) -> list[int]:
     """Token ids of one VisualGLM prompt, ending in ``[gMASK], <sop>``; with an image, ``num_image_tokens``
-    copies of ``tokenizer.image_token_id`` follow the ids of "<img>"."""
+    copies of ``tokenizer.image_token_id`` follow the ids of "<img>". Text typed by the user (query, history)
+    never becomes a control id."""
     prompt = build_visualglm_prompt(query, history, has_image=has_image, english=english)
     _check_no_placeholder(prompt, tokenizer)
-    if not has_image:
-        return tokenizer(prompt)["input_ids"]
-    split = len(IMAGE_OPEN)  # the image sits right after "<img>" (original: text.rfind("<img>") + 5)
-    before = tokenizer.encode(prompt[:split], add_special_tokens=False)
-    after = tokenizer.encode(prompt[split:], add_special_tokens=False)
-    ids = before + [tokenizer.image_token_id] * num_image_tokens + after
-    return tokenizer.build_inputs_with_special_tokens(ids)
+    return encode_visualglm_prompt(tokenizer, prompt, num_image_tokens)
+
+
+def encode_visualglm_prompt(
+    tokenizer, prompt: str, num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS, add_special_tokens: bool = True
+) -> list[int]:
+    """Ids of one formatted prompt. A ``<img></img>`` that opens the prompt is the image slot: ``encode("<img>")``
+    + ``num_image_tokens`` placeholders + ``encode("</img>…")`` (two SentencePiece inputs, each with its own "▁",
+    as the original's ``text.rfind("<img>") + 5`` split); without it the prompt is one input. Special-token
+    strings anywhere in the text are encoded as text; ``[gMASK], <sop>`` are appended (``add_special_tokens``)."""
+    if prompt.startswith(IMAGE_MARKER):
+        split = len(IMAGE_OPEN)
+        ids = (
+            encode_text(tokenizer, prompt[:split])
+            + [tokenizer.image_token_id] * num_image_tokens
+            + encode_text(tokenizer, prompt[split:])
+        )
+    else:
+        ids = encode_text(tokenizer, prompt)
+    return tokenizer.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """SentencePiece ids of ``text`` with every special-token string in it read as plain text."""
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    # A tokenizer whose model could still produce a control piece from text would break the guarantee: refuse it.
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    leaked = sorted({i for i in ids if i in specials})
+    if leaked:
+        raise ValueError(f"the tokenizer encoded text to special id(s) {leaked}; it cannot keep user text as text")
+    return ids
 
 
 def _check_no_placeholder(text: str, tokenizer) -> None:
@@ -157,9 +191,10 @@ def process_response(response: str) -> str:
 class VisualGLMProcessor(ProcessorMixin):
     """Images + VisualGLM prompts → ``input_ids``, ``attention_mask`` (left-padded) and ``pixel_values``.
 
-    ``text`` is one or more formatted prompts (see :func:`build_visualglm_prompt` or the chat template) with
-    ``<img></img>`` where an image goes; each marker becomes ``<img>`` + ``num_image_tokens`` × ``<image>`` +
-    ``</img>``, and ``pixel_values`` (N, 3, H, W) holds the given images in the order of their markers.
+    ``text`` is one or more formatted prompts (see :func:`build_visualglm_prompt` or the chat template); a prompt
+    that starts with ``<img></img>`` (where the template puts the image) takes one image: the marker becomes
+    ``<img>`` + ``num_image_tokens`` × ``<image>`` + ``</img>``. ``<img></img>`` elsewhere, and every special-token
+    string, is text. ``pixel_values`` (N, 3, H, W) holds the given images in the order of their prompts.
     """
 
     _auto_class = "AutoProcessor"
@@ -188,15 +223,20 @@ class VisualGLMProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, padding=True, return_tensors="pt", **kwargs) -> BatchFeature:
         if text is None:
             raise ValueError("VisualGLMProcessor needs text: prompt(s) with '<img></img>' where an image goes")
+        for name in ("videos", "audio"):
+            if kwargs.pop(name, None) is not None:
+                raise ValueError("VisualGLM takes images only, no videos or audio")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a non-empty list of strings")
         flat_images = flatten_images(images)
-        markers = [t.count(IMAGE_MARKER) for t in texts]
+        # the image slot is structural: a marker that opens the prompt (user text always follows "问：" / "Q:")
+        markers = [int(t.startswith(IMAGE_MARKER)) for t in texts]
         if sum(markers) != len(flat_images):
             raise ValueError(
-                f"{sum(markers)} '{IMAGE_MARKER}' marker(s) in the text (per prompt: {markers}) but "
-                f"{len(flat_images)} image(s) given; each image needs exactly one marker"
+                f"{sum(markers)} '{IMAGE_MARKER}' marker(s) at the start of the prompts (per prompt: {markers}) but "
+                f"{len(flat_images)} image(s) given; each image needs exactly one marker, at the start of its prompt "
+                f"(a '{IMAGE_MARKER}' anywhere else is text)"
             )
         for t in texts:
             _check_no_placeholder(t, self.tokenizer)
@@ -206,21 +246,22 @@ class VisualGLMProcessor(ProcessorMixin):
         if "size" in kwargs:
             image_kwargs["size"] = kwargs.pop("size")
         text_kwargs.update(kwargs)
+        add_special_tokens = text_kwargs.pop("add_special_tokens", True)
+        if text_kwargs.pop("truncation", None):
+            raise ValueError("VisualGLMProcessor does not truncate: a cut would split the image run or drop the "
+                             "[gMASK] <sop> tail; shorten the prompt instead")
+        pad_kwargs = {k: text_kwargs.pop(k) for k in _PAD_KWARGS if k in text_kwargs}
+        unknown = sorted(k for k, v in text_kwargs.items() if v is not None and k not in _IGNORED_KWARGS)
+        if unknown:
+            raise TypeError(f"unexpected arguments {unknown}; VisualGLMProcessor takes images, text, padding, "
+                            f"return_tensors, size, add_special_tokens and {list(_PAD_KWARGS)}")
 
-        expanded_marker = IMAGE_OPEN + self.image_token * self.num_image_tokens + IMAGE_CLOSE
-        expanded = [t.replace(IMAGE_MARKER, expanded_marker) for t in texts]
-        encoding = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **text_kwargs)
-
-        image_id = self.image_token_id
-        for row, count in enumerate(markers):
-            found = sum(1 for i in _as_list(encoding["input_ids"][row]) if i == image_id)
-            if found != count * self.num_image_tokens:
-                raise ValueError(
-                    f"prompt {row} has {found} image tokens after tokenization, expected "
-                    f"{count * self.num_image_tokens} (was it truncated?)"
-                )
-
-        data = dict(encoding)
+        rows = [
+            encode_visualglm_prompt(self.tokenizer, t, self.num_image_tokens, add_special_tokens=add_special_tokens)
+            for t in texts
+        ]
+        encoding = self.tokenizer.pad({"input_ids": rows}, padding=padding, **pad_kwargs)
+        data = {k: encoding[k] for k in ("input_ids", "attention_mask") if k in encoding}
         if flat_images:
             data["pixel_values"] = self.image_processor(flat_images, return_tensors="pt", **image_kwargs)[
                 "pixel_values"
@@ -232,5 +273,6 @@ class VisualGLMProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-def _as_list(row) -> list[int]:
-    return row.tolist() if hasattr(row, "tolist") else list(row)
+# what tokenizer.pad takes; template variables (english) that apply_chat_template passes on are ignored
+_PAD_KWARGS = ("max_length", "pad_to_multiple_of", "padding_side", "return_attention_mask")
+_IGNORED_KWARGS = ("english",)

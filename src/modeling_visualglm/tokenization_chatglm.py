@@ -25,7 +25,12 @@ Deliberate differences from the original:
   the id is 130344 < 130528 embedding rows, so it is even a valid row.
 - ``[gMASK]`` and ``[sMASK]`` typed into text become their special token (the original only matched
   ``[MASK]``, ``<sop>``, ``<eop>``, ``<pad>``, ``<unk>``, its named specials); special tokens do not strip the
-  spaces around them (transformers 4.27 stripped them for string specials).
+  spaces around them (transformers 4.27 stripped them for string specials). That is for callers who write
+  control tokens on purpose: text from users goes through ``split_special_tokens=True`` (the prompt builders
+  do this), where every special string is plain SentencePiece text. The specials are CONTROL pieces, which
+  SentencePiece never produces from text, so such text never yields a control id; it decodes back to itself
+  except for the literal strings ``<n>``, ``<|tab|>`` and ``<|blank_k|>``, which are the whitespace pieces
+  (USER_DEFINED) and decode to "\\n", "\\t" and k spaces, as in the original.
 - No ``position_ids``/3D mask from ``_pad``: the model derives ChatGLM's 2D positions and prefix mask from
   ``input_ids`` and the 2D padding mask (CONTRACTS §4). No ``icetk`` image ids (``num_image_tokens`` is 0 in
   every released config and is ignored here).
