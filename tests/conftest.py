@@ -56,3 +56,34 @@ def no_logged_deprecations():
         logger.removeHandler(recorder)
     if recorder.messages:
         pytest.fail("transformers logged a deprecation:\n" + "\n".join(recorder.messages))
+
+
+# The slow tier, in one place: what `scripts/test.sh --quick` leaves out. Each entry is a test file, or a file and
+# the start of test names; they take seconds each because they start interpreters (fresh-interpreter loads, CLI
+# round trips, the docs' blocks), install or build (reference tools, wheels), or run whole pipelines.
+SLOW = {
+    "test_docs.py": ("",),  # every docs block in its own interpreter
+    "test_demo.py": ("",),
+    "test_packaging.py": ("",),  # builds and installs a wheel
+    "test_tiny_trained.py": ("",),
+    "test_benchmarks.py": ("test_table_smoke_cpu",),
+    "test_compat.py": ("test_hub_folders_work_on_the_installed_transformers",),
+    "test_conversion_visualglm.py": ("test_coverage_report", "test_check_passes", "test_push_to_fake_hub",
+                                     "test_fresh_interpreter", "test_usage_errors"),
+    "test_conversion_cogvlm.py": ("test_check_passes", "test_fresh_interpreter", "test_folders_are_complete"),
+    "test_conversion_minigpt4.py": ("test_converted_folder_logits", "test_unloadable_tokenizer_folder"),
+    "test_conversion_llama.py": ("test_equals_transformers_4_45_converter",),
+    "test_conversion_hostile.py": ("test_sigterm_and_sigkill",),
+    "test_conversion_framework.py": ("test_only_one_shard_of_tensors", "test_malicious_pickle"),
+    "test_tokenizer.py": ("test_auto_tokenizer_with_remote_code_in_a_clean_interpreter",),
+    "test_processor.py": ("test_processor_save_and_auto_load_in_a_clean_interpreter",),
+    "test_hub_export.py": ("test_push_and_check_cli", "test_check_on_a_device"),
+    "test_device_map.py": ("test_offloaded_device_map",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        prefixes = SLOW.get(item.path.name, ())
+        if any(item.name.startswith(p) for p in prefixes):
+            item.add_marker(pytest.mark.slow)
