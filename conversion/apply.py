@@ -271,29 +271,20 @@ def set_tie_word_embeddings(config, value: bool):
             sub.tie_word_embeddings = value
 
 
-def build_plan(
-    source: TensorSource,
-    rules: list[Rule],
-    config,
-    model_class: type,
-    *,
-    format_name: str,
-    dtype: torch.dtype | None = None,
-    allow_nonfinite: bool = False,
-) -> Plan:
-    """Match, check and plan a conversion; raises ``ConversionError`` listing every problem."""
-    problems: list[str] = []
-    header = f"{source.description} does not convert as {format_name}"
+# (rule, its slot values as sorted items) → {index of the source template: source key}
+Groups = dict
 
-    # 1. every source key matches exactly one rule
-    groups: dict[tuple, dict[int, str]] = defaultdict(dict)
+
+def _match(source: TensorSource, rules: list[Rule], format_name: str, problems: list[str]):
+    """Every source key against the table: (groups of keys per rule application, matches per rule, drops)."""
+    groups: Groups = defaultdict(dict)
     rule_counts: dict[Rule, int] = {r: 0 for r in rules}
     drops: list[tuple[str, str]] = []
     for key in source.keys():
         hits = [(r, m) for r in rules if (m := r.match(key)) is not None]
-        info = source.info(key)
         if not hits:
-            problems.append(f"unexpected source tensor {key!r} {list(info.shape)}: no rule of {format_name} matches it")
+            problems.append(f"unexpected source tensor {key!r} {list(source.info(key).shape)}: no rule of "
+                            f"{format_name} matches it")
             continue
         if len(hits) > 1:
             problems.append(f"source tensor {key!r} matches {len(hits)} rules (ambiguous table): "
@@ -305,14 +296,19 @@ def build_plan(
             drops.append((key, rule.reason))
         else:
             groups[(rule, tuple(sorted(slots.items())))][member] = key
+    return groups, rule_counts, drops
 
-    # 2. run every rule's op on meta tensors: output names and shapes
+
+def _plan_tasks(source: TensorSource, groups: Groups, dtype, problems: list[str]):
+    """Run every rule application's op on ``meta`` tensors: (tasks, produced name → (task, info), the targets of
+    applications already reported, which are not reported again as missing)."""
     tasks: list[Task] = []
     produced: dict[str, tuple[Task, TensorInfo]] = {}
-    failed: set[str] = set()  # targets of groups already reported (not reported again as missing)
+    failed: set[str] = set()
     for (rule, slots), members in groups.items():
         names = rule.source_names(dict(slots))
-        failed.update(rule.target_names(dict(slots)))
+        targets = rule.target_names(dict(slots))
+        failed.update(targets)
         if len(members) != len(rule.sources):
             missing = [names[i] for i in range(len(names)) if i not in members]
             problems.append(f"rule '{rule.describe()}' needs {missing} together with {sorted(members.values())}")
@@ -324,7 +320,6 @@ def build_plan(
         except Exception as e:  # an op refusing a shape is an input problem
             problems.append(f"{rule.op} cannot convert {list(keys)} {[list(m.shape) for m in metas]}: {e}")
             continue
-        targets = rule.target_names(dict(slots))
         if len(outs) != len(targets):
             problems.append(f"op {rule.op} returned {len(outs)} tensors for {len(targets)} targets {targets}")
             continue
@@ -339,56 +334,58 @@ def build_plan(
                 problems.append(f"{name!r} is produced twice: from {list(produced[name][0].sources)} and {list(keys)}")
             else:
                 produced[name] = (task, info)
+    return tasks, produced, failed
 
-    # 3. dtypes: floating parameters come from floating sources (listed per dtype, names shortened); checked
-    # before the tie decision reads any data
-    expected, tied = _meta_model(model_class, config)
-    problems += _dtype_problems(source, tasks, expected, model_class.__name__)
 
-    # 4. tied weights, decided from the data
+def _decide_ties(source: TensorSource, config, model_class, produced: dict, meta: tuple, compare: bool):
+    """Tied weights, decided from the data: (target → the one it stays tied to, notes, the model's expected state
+    dict, re-read when a tie was given up). ``meta``: the model's (expected state dict, tied weights); ``compare``:
+    the data may be read (no problem found so far)."""
+    expected, tied = meta
     tied_out: dict[str, str] = {}
-    tie_notes = []
+    notes = []
     for target, tied_to in tied.items():
         if target not in produced:
-            tie_notes.append(f"{target} = {tied_to} (the source has no separate {target})")
+            notes.append(f"{target} = {tied_to} (the source has no separate {target})")
             tied_out[target] = tied_to
             continue
         same = False
-        if tied_to in produced and not problems:
+        if tied_to in produced and compare:
             (ta, ia), (tb, ib) = produced[target], produced[tied_to]
             if ia.shape == ib.shape and ia.dtype == ib.dtype:
-                a = compute_task(source, ta)[target]
-                b = compute_task(source, tb)[tied_to]
-                same = torch.equal(a, b)
+                same = torch.equal(compute_task(source, ta)[target], compute_task(source, tb)[tied_to])
         if same:
             tied_out[target] = tied_to
-            tie_notes.append(f"{target} = {tied_to} (bit-equal in the source: written once, tied)")
+            notes.append(f"{target} = {tied_to} (bit-equal in the source: written once, tied)")
         else:
             set_tie_word_embeddings(config, False)
             expected, tied = _meta_model(model_class, config)
-            tie_notes.append(f"{target} kept separate (differs from {tied_to}): tie_word_embeddings=False")
+            notes.append(f"{target} kept separate (differs from {tied_to}): tie_word_embeddings=False")
             break
+    return tied_out, notes, expected
 
-    # 5. produced names and shapes == the model's state dict
-    for name, (task, info) in produced.items():
-        if name in tied_out:
-            continue
-        if name not in expected:
-            problems.append(f"{list(task.sources)} → {name!r}: {model_class.__name__} has no such parameter")
-        elif expected[name].shape != info.shape:
-            problems.append(
-                f"wrong shape: {name!r} would be {list(info.shape)} (from {list(task.sources)} "
-                f"{[list(source.info(k).shape) for k in task.sources]}) but the model expects {list(expected[name].shape)}"
-            )
-    for name, info in expected.items():
-        if name in produced or name in tied_out or name in failed:
-            continue
-        hint = next((h for r in rules if not r.is_drop and (h := r.invert(name))), None)
-        need = f"source tensor {list(hint) if len(hint) > 1 else hint[0]!r}" if hint else "a source tensor"
-        problems.append(f"missing: {name!r} {list(info.shape)} needs {need}, which the checkpoint lacks")
 
+def build_plan(
+    source: TensorSource,
+    rules: list[Rule],
+    config,
+    model_class: type,
+    *,
+    format_name: str,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
+) -> Plan:
+    """Match, check and plan a conversion; raises ``ConversionError`` listing every problem."""
+    problems: list[str] = []
+    groups, rule_counts, drops = _match(source, rules, format_name, problems)  # every key: exactly one rule
+    tasks, produced, failed = _plan_tasks(source, groups, dtype, problems)  # names and shapes, on meta tensors
+    # floating parameters come from floating sources: checked before the tie decision reads any data
+    meta = _meta_model(model_class, config)
+    problems += _dtype_problems(source, tasks, meta[0], model_class.__name__)
+    tied_out, tie_notes, expected = _decide_ties(source, config, model_class, produced, meta, compare=not problems)
+    problems += _coverage_problems(source, rules, produced, tied_out, failed, expected, model_class.__name__)
     if problems:
-        raise ConversionError(problems, header=header)
+        raise ConversionError(problems, header=f"{source.description} does not convert as {format_name}")
 
     order = {k: i for i, k in enumerate(expected)}
     tasks.sort(key=lambda t: min(order.get(n, len(order)) for n in t.targets))
@@ -406,6 +403,29 @@ def build_plan(
         unused_rules=[r for r, c in rule_counts.items() if not c],
         allow_nonfinite=allow_nonfinite,
     )
+
+
+def _coverage_problems(source, rules, produced: dict, tied_out: dict, failed: set, expected: dict,
+                       model_name: str) -> list[str]:
+    """The produced names and shapes against the model's state dict: nothing foreign, nothing missing."""
+    problems = []
+    for name, (task, info) in produced.items():
+        if name in tied_out:
+            continue
+        if name not in expected:
+            problems.append(f"{list(task.sources)} → {name!r}: {model_name} has no such parameter")
+        elif expected[name].shape != info.shape:
+            problems.append(
+                f"wrong shape: {name!r} would be {list(info.shape)} (from {list(task.sources)} "
+                f"{[list(source.info(k).shape) for k in task.sources]}) but the model expects {list(expected[name].shape)}"
+            )
+    for name, info in expected.items():
+        if name in produced or name in tied_out or name in failed:
+            continue
+        hint = next((h for r in rules if not r.is_drop and (h := r.invert(name))), None)
+        need = f"source tensor {list(hint) if len(hint) > 1 else hint[0]!r}" if hint else "a source tensor"
+        problems.append(f"missing: {name!r} {list(info.shape)} needs {need}, which the checkpoint lacks")
+    return problems
 
 
 def _dtype_problems(source: TensorSource, tasks: list[Task], expected: dict, model_name: str) -> list[str]:
@@ -435,3 +455,45 @@ def _dtype_problems(source: TensorSource, tasks: list[Task], expected: dict, mod
         problems.append(f"{len(keys)} source tensor(s) are {_dtype(dt)}: {why}: {_names(keys)}")
     return problems + mismatched
 
+
+
+# --- the reverse direction ------------------------------------------------------------------------------------
+
+def to_original(state_dict: dict[str, torch.Tensor], fmt: str, config, **options) -> dict[str, torch.Tensor]:
+    """Our state dict → the tensors of a ``fmt`` checkpoint (``fmt``: a ``--format`` name; ``options``: the format's
+    flags that change its rules, e.g. ``qkv_layout="blocked"``): the format's rule table run backwards, each target
+    traced to its sources by ``Rule.invert_slots`` and each op undone by its inverse (``conversion.ops.INVERSES``).
+
+    Dropped source tensors (rotary buffers, unused tables) are not produced: add them where a file needs them. Every
+    tensor is a contiguous copy. Raises ``ConversionError`` listing every tensor that no rule (or more than one)
+    produces and every op without an inverse. For writing original-layout checkpoints (tests, the demo); a parity
+    test cannot take it as its reference alone: a wrong rule would convert back to the right model.
+    """
+    from .formats import FORMATS
+    from .ops import INVERSES
+
+    rules = FORMATS[fmt].rule_table(config, **options)
+    problems: list[str] = []
+    groups: dict = defaultdict(dict)
+    for name, tensor in state_dict.items():
+        hits = [(r, slots) for r in rules if not r.is_drop and (slots := r.invert_slots(name)) is not None]
+        if len(hits) != 1:
+            problems.append(f"{name!r}: no rule of {fmt} produces it" if not hits else
+                            f"{name!r} is produced by {len(hits)} rules: " + "; ".join(r.describe() for r, _ in hits))
+            continue
+        rule, slots = hits[0]
+        groups[(rule, tuple(sorted(slots.items())))][name] = tensor
+    original = {}
+    for (rule, slots), got in groups.items():
+        targets = rule.target_names(dict(slots))
+        if len(got) != len(targets):
+            problems.append(f"rule '{rule.describe()}' needs {[t for t in targets if t not in got]} as well")
+        elif rule.op is not None and rule.op not in INVERSES:
+            problems.append(f"{[*got]}: op {rule.op} of {fmt} has no inverse")
+        else:
+            outs = run_op(INVERSES.get(rule.op), tuple(got[t].detach() for t in targets), rule.kwargs)
+            for name, t in zip(rule.source_names(dict(slots)), outs):
+                original[name] = t.clone(memory_format=torch.contiguous_format)
+    if problems:
+        raise ConversionError(problems, header=f"cannot write this state dict as {fmt}")
+    return original

@@ -2,7 +2,11 @@
 
 Every op takes the source tensors (in the order of the rule's source templates) plus the rule's keyword
 arguments and returns one tensor per target. Ops use only shape operations (view/permute/cat/split), so the
-applier can run them on ``meta`` tensors to learn the output shapes before reading any data.
+applier can run them on ``meta`` tensors to learn the output shapes before reading any data; the few that compute
+(a LoRA merge, a bicubic resize) skip the arithmetic on ``meta`` tensors. Every op of every format is here.
+
+An op registered with ``inverse_of`` undoes another one: ``conversion.apply.to_original`` runs a rule table
+backwards through them (our state dict → a source layout).
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import torch
 
 OPS = {}
+INVERSES = {}  # op name → the name of the op that undoes it
 
 
-def register(name: str):
+def register(name: str, *, inverse_of: str | None = None):
     def deco(fn):
         OPS[name] = fn
+        if inverse_of is not None:
+            INVERSES[inverse_of] = name
         return fn
 
     return deco
@@ -38,20 +45,12 @@ def interleave_qkv_heads(t: torch.Tensor, *, num_heads: int) -> tuple[torch.Tens
     return (t.reshape(3, num_heads, hd, *rest).transpose(0, 1).reshape(t.shape),)
 
 
-@register("block_qkv_heads")
+@register("block_qkv_heads", inverse_of="interleave_qkv_heads")
 def block_qkv_heads(t: torch.Tensor, *, num_heads: int) -> tuple[torch.Tensor]:
     """Inverse of :func:`interleave_qkv_heads`: interleaved → blocked [Q; K; V]."""
     hd = _heads(t.shape[0], num_heads, 3, "block_qkv_heads")
     rest = t.shape[1:]
     return (t.reshape(num_heads, 3, hd, *rest).transpose(0, 1).reshape(t.shape),)
-
-
-@register("split_qkv")
-def split_qkv(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blocked fused [Q; K; V] → three tensors (equal thirds along dim 0)."""
-    if t.shape[0] % 3:
-        raise ValueError(f"split_qkv: {t.shape[0]} rows are not divisible by 3")
-    return tuple(t.chunk(3, dim=0))
 
 
 @register("fuse_qkv")
@@ -72,12 +71,6 @@ def squeeze0(t: torch.Tensor) -> tuple[torch.Tensor]:
     if t.shape[0] != 1:
         raise ValueError(f"squeeze0: leading dim is {t.shape[0]}, not 1")
     return (t[0],)
-
-
-@register("unsqueeze0")
-def unsqueeze0(t: torch.Tensor) -> tuple[torch.Tensor]:
-    """Add a leading singleton dim."""
-    return (t.unsqueeze(0),)
 
 
 @register("rope_permute")
@@ -157,6 +150,51 @@ def add_delta(base: torch.Tensor, delta: torch.Tensor, *, dtype: str | None = No
         pad = torch.zeros((delta.shape[0] - base.shape[0], *base.shape[1:]), dtype=compute, device=base.device)
         base = torch.cat([base, pad], dim=0)
     return (base + delta,)
+
+
+# --- MiniGPT-4 (MiniGPT-4 @ef1ac08 mini_gpt4.py / minigpt_v2.py, LAVIS eva_vit.py) ----------------------------
+
+@register("minigpt4_qv_bias")
+def qv_bias(q_bias: torch.Tensor, v_bias: torch.Tensor) -> tuple[torch.Tensor]:
+    """EVA's separate q/v biases → one [3H] qkv bias with a zero K slice (the bias EVA's attention applies)."""
+    return (torch.cat([q_bias, torch.zeros_like(q_bias), v_bias]),)
+
+
+@register("minigpt4_pad_rows")
+def pad_rows(t: torch.Tensor, *, rows: int) -> tuple[torch.Tensor]:
+    """Append zero rows up to ``rows`` (the image placeholder's row; never looked up, never sampled)."""
+    if t.shape[0] > rows:
+        raise ValueError(f"{t.shape[0]} rows, more than {rows}")
+    if t.shape[0] == rows:
+        return (t,)
+    return (torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))]),)
+
+
+@register("minigpt4_interpolate_pos")
+def interpolate_pos(t: torch.Tensor, *, grid: int) -> tuple[torch.Tensor]:
+    """[1, 1 + g², H] → [1 + grid², H]: CLS kept, the g×g position grid resized bicubically (fp32,
+    align_corners False), as MiniGPT-v2's ``interpolate_pos_embed``."""
+    t = t[0]
+    cls, pos = t[:1], t[1:]
+    g = int(round(pos.shape[0] ** 0.5))
+    if g * g != pos.shape[0]:
+        raise ValueError(f"{pos.shape[0]} positions are not a square grid")
+    if t.is_meta:
+        return (t.new_empty((1 + grid * grid, t.shape[1])),)
+    pos = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    pos = torch.nn.functional.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    pos = pos.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(t.dtype)
+    return (torch.cat([cls, pos]),)
+
+
+@register("minigpt4_fuse_qkv_lora")
+def fuse_qkv_lora(q, k, v, qa, qb, va, vb, *, alpha: float) -> tuple[torch.Tensor]:
+    """q/k/v with the LoRA deltas of q and v merged (W + alpha/r · B A, peft's scaling), then fused blocked [Q; K; V]."""
+    scale = alpha / qa.shape[0]  # lora_A is [r, in]
+    if not q.is_meta:
+        q = (q.float() + scale * (qb.float() @ qa.float())).to(q.dtype)
+        v = (v.float() + scale * (vb.float() @ va.float())).to(v.dtype)
+    return (torch.cat([q, k, v]),)
 
 
 def run_op(name: str | None, tensors: tuple[torch.Tensor, ...], kwargs: dict) -> tuple[torch.Tensor, ...]:

@@ -108,8 +108,8 @@ class Rule:
     def target_names(self, slots: dict[str, str]) -> tuple[str, ...]:
         return tuple(_plain(t).format(**slots) for t in self.targets)
 
-    def invert(self, target: str) -> tuple[str, ...] | None:
-        """The source names that would produce ``target`` (for "missing tensor" hints), or None."""
+    def invert_slots(self, target: str) -> dict[str, str] | None:
+        """The slot values under which this rule produces ``target``, or None (also for a drop)."""
         bodies = {}
         for m in _SLOT.finditer(self.sources[0]):
             alternatives = m.group(2)
@@ -121,8 +121,13 @@ class Rule:
             if m:
                 slots = m.groupdict()
                 if _slot_names(self.sources[0]) <= set(slots):
-                    return self.source_names(slots)
+                    return slots
         return None
+
+    def invert(self, target: str) -> tuple[str, ...] | None:
+        """The source names that would produce ``target`` (for "missing tensor" hints), or None."""
+        slots = self.invert_slots(target)
+        return None if slots is None else self.source_names(slots)
 
     def describe(self) -> str:
         src = " + ".join(self.sources)

@@ -1,26 +1,33 @@
-"""Lazy, memory-mapped access to the tensors of a source checkpoint.
+"""Reading source checkpoints: the one layer every format reads its files through.
 
-A ``TensorSource`` maps tensor names to ``(shape, dtype)`` without reading data, and hands out single
+- tensors: a ``TensorSource`` maps tensor names to ``(shape, dtype)`` without reading data, and hands out single
 tensors on demand. PyTorch files are opened with ``torch.load(mmap=True, weights_only=True)``: the state dict
 is a set of views onto the file, so only the tensors being converted are paged in (file-backed pages, not
 anonymous memory). safetensors files are read through ``safe_open``.
 
 Pickles are never executed: ``weights_only=True`` refuses every global outside PyTorch's allow-list plus
 the few data-only globals that SAT / DeepSpeed checkpoints contain (see :data:`SAT_SAFE_GLOBALS`).
+- JSON files (configs, ``params.json``, shard indexes): :func:`read_json_object`, one error per way a file can
+  be unreadable; their fields are then read through ``conversion.validate.Fields``.
+- SAT folders (``latest``, ``<iter>/mp_rank_00_model_states.pt``, ``model_config.json``): :func:`open_sat_folder`.
+- tokenizers: :func:`find_tokenizer` (``--tokenizer`` or the source folder's) and :func:`load_tokenizer_folder`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ConversionError
+from .validate import Fields, json_type, raise_if
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,17 @@ class TensorSource:
         pass
 
 
+@contextmanager
+def closed_on_error(source: TensorSource):
+    """Close ``source`` (its memory maps and file handles) when the block raises: a format that fails after
+    opening its weights."""
+    try:
+        yield source
+    except BaseException:
+        source.close()
+        raise
+
+
 def _check_state_dict(path, sd) -> dict:
     if not isinstance(sd, dict):
         raise ConversionError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
@@ -264,10 +282,100 @@ def torch_file_source(path: str | os.PathLike, subkey: str | None = None) -> Sta
     return src
 
 
+# --- JSON files ---------------------------------------------------------------------------------------------
+
+def read_json_object(path: Path, *, required: bool = True, what: str = "") -> dict | None:
+    """A JSON object from ``path``: None for a missing optional file; ConversionError for anything else
+    (not UTF-8, invalid JSON, not an object, unreadable)."""
+    path = Path(path)
+    if not path.is_file():
+        if not required:
+            return None
+        raise ConversionError(f"{path} not found" + (f" ({what})" if what else ""))
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > 64 << 20:
+        raise ConversionError(f"{path}: {len(raw):,} bytes is not a config file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: not UTF-8 text (byte {e.start}): not a JSON config") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConversionError(f"{path}: invalid JSON ({str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found {json_type(data)}")
+    return data
+
+
+# --- SAT folders --------------------------------------------------------------------------------------------
+
+def read_latest(src: Path) -> str:
+    """SAT's ``latest`` file: an iteration number or ``release`` (the folder holding the weights)."""
+    latest = src / "latest"
+    if not latest.is_file():
+        raise ConversionError(f"{src}: no 'latest' file: not a SAT checkpoint folder "
+                              "(expected latest, <iter>/mp_rank_00_model_states.pt, model_config.json)")
+    try:
+        raw = latest.read_bytes()[:256]
+    except OSError as e:
+        raise ConversionError(f"{latest}: cannot read it ({e.strerror or e})") from None
+    try:
+        tag = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConversionError(f"{latest}: not text (binary data {raw[:16]!r}…); SAT writes an iteration "
+                              "number or 'release' there") from None
+    if not (tag.isdigit() or tag == "release"):
+        raise ConversionError(f"{latest}: expected an iteration number or 'release', found {tag[:40]!r}")
+    return tag
+
+
+@dataclass(frozen=True)
+class SatFolder:
+    """A SAT checkpoint folder, opened: its ``model_config.json`` read, its weights file located (not yet read)."""
+
+    folder: Path
+    tag: str  # the iteration ``latest`` names (or ``release``)
+    args: dict  # model_config.json: SAT's argparse namespace
+    where: str  # model_config.json's path, for messages
+    model_class: str
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / self.tag / "mp_rank_00_model_states.pt"
+
+    def describe(self) -> str:
+        return f"SAT checkpoint {self.checkpoint} (iteration {self.tag}, model_class {self.model_class})"
+
+
+def open_sat_folder(src: Path, *, family: str, merge_hint: str) -> SatFolder:
+    """``latest`` and ``model_config.json`` of a SAT folder (SwissArmyTransformer ``save_checkpoint``), checked to be
+    a single-rank checkpoint of a ``family`` model class (``model_class`` defaults to ``{family}Model``).
+
+    ``merge_hint`` says how to merge model-parallel ranks, for the message refusing them.
+    """
+    tag = read_latest(src)
+    where = f"{src}/model_config.json"
+    args = read_json_object(src / "model_config.json")
+    problems: list[str] = []
+    top = Fields(args, where, problems)
+    mp = top.int("model_parallel_size", default=1)
+    model_class = top.str("model_class", default=f"{family}Model")
+    raise_if(problems, f"cannot read {where}")
+    if mp != 1:
+        raise ConversionError(f"{src}: model_parallel_size={mp}; merge the model-parallel ranks first ({merge_hint})")
+    if family not in model_class:
+        raise ConversionError(f"{where}: model_class {model_class!r} is not a {family} model")
+    return SatFolder(Path(src), tag, args, where, model_class)
+
+
+# --- sharded weights ----------------------------------------------------------------------------------------
+
 def read_index(index_path: Path) -> dict[str, str]:
     """``weight_map`` of a shard index: tensor name → a shard file name inside the index's folder."""
-    from .validate import json_type, read_json_object
-
     try:
         index = read_json_object(index_path)
     except ConversionError as e:
@@ -287,20 +395,36 @@ def read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
+def _shard_files(folder: Path, index_name: str, single_name: str) -> tuple[dict | None, list[str]]:
+    """(the index's weight map or None, the shard file names) of a sharded-or-single weights layout."""
+    index_path = folder / index_name
+    if index_path.is_file():
+        weight_map = read_index(index_path)
+        return weight_map, sorted(set(weight_map.values()))
+    if (folder / single_name).is_file():
+        return None, [single_name]
+    raise ConversionError(f"{folder}: neither {index_name} nor {single_name} found")
+
+
+def _index_problems(weight_map: dict, src: TensorSource, shard_of, index_name: str) -> list[str]:
+    """Where a shard index disagrees with the shards' contents (``shard_of(key)``: the file name holding it)."""
+    problems = []
+    for k, shard in weight_map.items():
+        if k not in src:
+            problems.append(f"{index_name} maps {k!r} to {shard}, which does not contain it")
+        elif shard_of(k) != shard:
+            problems.append(f"{index_name} maps {k!r} to {shard}, but it is in {shard_of(k)}")
+    return problems + [f"{shard_of(k)} holds {k!r}, which {index_name} does not list"
+                       for k in src.keys() if k not in weight_map]
+
+
 def sharded_torch_source(folder: Path, index_name: str, single_name: str) -> StateDictSource:
     """``pytorch_model-0000k-of-0000N.bin`` shards listed in ``index_name``, or the single ``single_name``.
 
     Every shard is opened memory-mapped; the index must agree with the shards' contents.
     """
     folder = Path(folder)
-    index_path = folder / index_name
-    if index_path.is_file():
-        weight_map = read_index(index_path)
-        shards = sorted(set(weight_map.values()))
-    elif (folder / single_name).is_file():
-        weight_map, shards = None, [single_name]
-    else:
-        raise ConversionError(f"{folder}: neither {index_name} nor {single_name} found")
+    weight_map, shards = _shard_files(folder, index_name, single_name)
     src = StateDictSource(str(folder))
     problems: list[str] = []
     for shard in shards:
@@ -313,14 +437,7 @@ def sharded_torch_source(folder: Path, index_name: str, single_name: str) -> Sta
         except ConversionError as e:
             problems.extend(e.problems)
     if weight_map is not None and not problems:
-        for k, shard in weight_map.items():
-            if k not in src:
-                problems.append(f"{index_name} maps {k!r} to {shard}, which does not contain it")
-            elif Path(src.file_of(k)).name != shard:
-                problems.append(f"{index_name} maps {k!r} to {shard}, but it is in {Path(src.file_of(k)).name}")
-        for k in src.keys():
-            if k not in weight_map:
-                problems.append(f"{Path(src.file_of(k)).name} holds {k!r}, which {index_name} does not list")
+        problems = _index_problems(weight_map, src, lambda k: Path(src.file_of(k)).name, index_name)
     if problems:
         raise ConversionError(problems, header=f"cannot read the checkpoint in {folder}")
     return src
@@ -386,28 +503,14 @@ class SafetensorsSource(TensorSource):
 def safetensors_folder_source(folder: Path, index_name: str, single_name: str) -> SafetensorsSource:
     """``model-0000k-of-0000N.safetensors`` shards listed in ``index_name``, or the single ``single_name``."""
     folder = Path(folder)
-    index_path = folder / index_name
-    if index_path.is_file():
-        weight_map = read_index(index_path)
-        shards = sorted(set(weight_map.values()))
-    elif (folder / single_name).is_file():
-        weight_map, shards = None, [single_name]
-    else:
-        raise ConversionError(f"{folder}: neither {index_name} nor {single_name} found")
+    weight_map, shards = _shard_files(folder, index_name, single_name)
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
         raise ConversionError([f"{index_name} lists {s}, which is missing" for s in missing],
                               header=f"cannot read the checkpoint in {folder}")
     src = SafetensorsSource([folder / s for s in shards], str(folder))
     if weight_map is not None:
-        problems = []
-        for k, shard in weight_map.items():
-            if k not in src:
-                problems.append(f"{index_name} maps {k!r} to {shard}, which does not contain it")
-            elif src._where[k].name != shard:
-                problems.append(f"{index_name} maps {k!r} to {shard}, but it is in {src._where[k].name}")
-        problems += [f"{src._where[k].name} holds {k!r}, which {index_name} does not list"
-                     for k in src.keys() if k not in weight_map]
+        problems = _index_problems(weight_map, src, lambda k: src._where[k].name, index_name)
         if problems:
             raise ConversionError(problems, header=f"cannot read the checkpoint in {folder}")
     return src
@@ -464,3 +567,68 @@ class PrefixedSource(TensorSource):
     def close(self):
         for part in self._parts.values():
             part.close()
+
+
+# --- tokenizers ---------------------------------------------------------------------------------------------
+
+SPM_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+# what a transformers tokenizer folder may hold (listed in messages about one)
+TOKENIZER_FILES = (SPM_FILE, TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def tokenizer_files(folder: Path) -> list[str]:
+    """The transformers tokenizer files in ``folder``, for messages."""
+    return [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+
+
+def find_tokenizer(explicit: str | None, fallback_dirs: list[Path], names: tuple[str, ...]) -> Path | None:
+    """The tokenizer file to read: ``--tokenizer`` as given when it is a file, the first of ``names`` in it when it
+    is a folder (an error when it holds none); without ``--tokenizer``, the first of ``names`` in the first of
+    ``fallback_dirs`` that holds one (the source folder); None when there is none."""
+    if explicit is not None:
+        path = Path(explicit)
+        if path.is_file():
+            return path
+        found = next((path / n for n in names if (path / n).is_file()), None)
+        if found is None:
+            has = tokenizer_files(path) if path.is_dir() else []
+            wanted = " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
+            raise ConversionError(f"--tokenizer {explicit}: no {wanted} there"
+                                  + (f" (it has {', '.join(has)})" if has else ""))
+        return found
+    for folder in fallback_dirs:
+        found = next((folder / n for n in names if (folder / n).is_file()), None)
+        if found is not None:
+            return found
+    return None
+
+
+def load_tokenizer_folder(folder: Path, cls=None, **kwargs):
+    """``cls.from_pretrained(folder)`` (default ``AutoTokenizer``); a failure says which files it found and what
+    it needs.
+
+    transformers 5 loads ``tokenizer.json``; a folder with only ``tokenizer.model`` + ``tokenizer_config.json``
+    (FastChat's Vicuna folders, lmsys' deltas) goes through its SentencePiece extractor, which needs protobuf:
+    without it transformers falls back to tiktoken and fails with "tiktoken is required".
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import is_protobuf_available
+
+    if not folder.is_dir():
+        raise ConversionError(f"tokenizer folder {folder} not found")
+    found = tokenizer_files(folder)
+    has = ", ".join(found) or "no tokenizer files"
+    if SPM_FILE not in found and TOKENIZER_JSON not in found:
+        raise ConversionError(f"{folder} holds no tokenizer (it has {has}; a tokenizer folder needs "
+                              f"{TOKENIZER_JSON}, or {SPM_FILE} + tokenizer_config.json)")
+    try:
+        return (cls or AutoTokenizer).from_pretrained(str(folder), **kwargs)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, OSError, ImportError, RecursionError...
+        if TOKENIZER_JSON not in found and not is_protobuf_available():
+            raise ConversionError(
+                f"cannot load the tokenizer in {folder}: it has {has} but no {TOKENIZER_JSON}, and transformers reads "
+                f"{SPM_FILE} only with the protobuf package, which is missing (a dependency of modeling_visualglm: "
+                "pip install protobuf)") from None
+        raise ConversionError(f"cannot load the tokenizer in {folder} (it has {has}): {type(e).__name__}: "
+                              f"{str(e).strip()[:300]}") from None

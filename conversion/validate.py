@@ -1,7 +1,7 @@
 """Typed reads of source configs that collect problems instead of raising.
 
 Every source format reads its config (SAT ``model_config.json``, THUDM ``config.json``, Meta ``params.json``,
-transformers ``config.json``, shard indexes) through :class:`Fields` before building anything, so a mistyped
+transformers ``config.json``, shard indexes; read by ``conversion.sources``) through :class:`Fields` before building anything, so a mistyped
 or hostile file gives one ``ConversionError`` listing every problem: a wrong type (``"num_layers": "2"``),
 a value out of range (``n_heads: 0``, a negative epsilon, a billion layers), an unknown choice, a missing
 section (``eva_args: null``), and the relations between fields (hidden size divisible by the heads, an image
@@ -13,9 +13,7 @@ tokens) and only keep a hostile config from making the converter build an absurd
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 from .errors import ConversionError
 
@@ -186,53 +184,6 @@ class Fields:
 def raise_if(problems: list[str], header: str):
     if problems:
         raise ConversionError(problems, header=header)
-
-
-def read_json_object(path: Path, *, required: bool = True, what: str = "") -> dict | None:
-    """A JSON object from ``path``: None for a missing optional file; ConversionError for anything else
-    (not UTF-8, invalid JSON, not an object, unreadable)."""
-    path = Path(path)
-    if not path.is_file():
-        if not required:
-            return None
-        raise ConversionError(f"{path} not found" + (f" ({what})" if what else ""))
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if len(raw) > 64 << 20:
-        raise ConversionError(f"{path}: {len(raw):,} bytes is not a config file")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConversionError(f"{path}: not UTF-8 text (byte {e.start}): not a JSON config") from None
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ConversionError(f"{path}: invalid JSON ({str(e)[:200]})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object, found {json_type(data)}")
-    return data
-
-
-def read_latest(src: Path) -> str:
-    """SAT's ``latest`` file: an iteration number or ``release`` (the folder holding the weights)."""
-    latest = src / "latest"
-    if not latest.is_file():
-        raise ConversionError(f"{src}: no 'latest' file: not a SAT checkpoint folder "
-                              "(expected latest, <iter>/mp_rank_00_model_states.pt, model_config.json)")
-    try:
-        raw = latest.read_bytes()[:256]
-    except OSError as e:
-        raise ConversionError(f"{latest}: cannot read it ({e.strerror or e})") from None
-    try:
-        tag = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ConversionError(f"{latest}: not text (binary data {raw[:16]!r}…); SAT writes an iteration "
-                              "number or 'release' there") from None
-    if not (tag.isdigit() or tag == "release"):
-        raise ConversionError(f"{latest}: expected an iteration number or 'release', found {tag[:40]!r}")
-    return tag
 
 
 def build_config(cls, where: str, **kwargs):

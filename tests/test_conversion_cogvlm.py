@@ -30,13 +30,13 @@ import torch
 from safetensors.torch import save_file
 from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
-from modeling_visualglm.configuration_cogvlm import CogVLMConfig
 from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
 from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
 from modeling_visualglm.processing_cogvlm import build_cogvlm_inputs, build_cogvlm_prompt
-from modeling_visualglm.tools.tiny_models import demo_image_path, randomize_
+from modeling_visualglm.tools.tiny_models import demo_image_path, randomize_, tiny_cogvlm_tokenized_config
 
 from modeling_visualglm.conversion.cli import main as convert_main
+from test_conversion_visualglm import assert_nothing_left, convert_in_process as visualglm_convert_in_process
 from modeling_visualglm.hub_export.check import blocker_source, check_folder
 from modeling_visualglm.hub_export.code import import_closure
 from modeling_visualglm.hub_export.families import package_dir
@@ -44,7 +44,6 @@ from modeling_visualglm.hub_export.writer import INCOMPLETE_MARKER
 
 PY = sys.executable
 THREADS = torch.get_num_threads()
-IMAGE_SIZE = {"cogvlm": 56, "cogvlm2": 112}
 VERSIONS = ("cogvlm", "cogvlm2")
 
 
@@ -69,30 +68,12 @@ def tokenizer(tok_dir):
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def tiny_config(tokenizer, version):
-    v2 = version == "cogvlm2"
-    return CogVLMConfig(
-        version=version,
-        vision_config=dict(
-            image_size=IMAGE_SIZE[version], patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, layer_norm_eps=1e-6, qkv_bias=True, layernorm_order="post_sublayer",
-            use_post_layernorm=False, drop_cls_token=True,
-        ),
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=2 if v2 else 8, vision_qkv_bias=v2,
-            rope_theta=500000.0 if v2 else 10000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
-        ),
-    )
-
-
 @pytest.fixture(scope="module")
 def models(tokenizer):
     out = {}
     for seed, version in enumerate(VERSIONS):
         torch.manual_seed(seed)
-        model = CogVLMForConditionalGeneration(tiny_config(tokenizer, version)).eval()
+        model = CogVLMForConditionalGeneration(tiny_cogvlm_tokenized_config(tokenizer, version)).eval()
         out[version] = randomize_(model, seed=10 + seed)
     return out
 
@@ -412,17 +393,7 @@ def test_fresh_interpreter_logits_are_bit_identical(converted, models, inputs, t
 # --- bad input ------------------------------------------------------------------------------------------
 
 def convert_in_process(fmt, src, out, capsys, tokenizer=None):
-    args = ["--format", fmt, "--src", str(src), "--out", str(out), "--no-progress"]
-    if tokenizer is not None:
-        args += ["--tokenizer", str(tokenizer)]
-    rc = convert_main(args)
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def assert_nothing_left(out: Path):
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return visualglm_convert_in_process(src, out, capsys, fmt=fmt, tokenizer=tokenizer)
 
 
 def edit_sat(src: Path, dst: Path, edit) -> Path:

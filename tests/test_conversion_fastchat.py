@@ -13,7 +13,6 @@ in the layouts the real files come in (safetensors single/sharded, ``.bin`` sing
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 from pathlib import Path
@@ -24,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
 from modeling_visualglm.conversion.cli import main as convert_main
+from test_conversion_llama import VOCAB, train_llama_spm  # the same tiny LLaMA-like tokenizer
 
-VOCAB = 400
 ARCH = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             rms_norm_eps=1e-6, max_position_embeddings=2048)
 
@@ -66,30 +65,13 @@ def write_weights(folder: Path, sd: dict, layout: str):
     (folder / index).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
 
 
-def corpus() -> list[str]:
-    """A small English corpus for a tiny SentencePiece model (ids 0-2 = <unk> <s> </s>, like LLaMA's)."""
-    words = ("the a cat dog sat on mat picture of what is this there red blue box person car tree sky left right "
-             "question answer short user assistant chat hello hi image describe color many how where which").split()
-    out = []
-    for i, (a, b, c) in enumerate(itertools.product(words[:12], words[8:20], words[16:])):
-        out.append([f"Question: {a} {b} {c}? Answer: {c} {a}.", f"USER: {a} {b} ASSISTANT: {c} [[012,345]]",
-                    f"{a} {b} {c}, {c} {b}!"][i % 3])
-    return out
-
-
 @pytest.fixture(scope="session")
 def spm_dir(tmp_path_factory) -> Path:
     """A LLaMA-like SentencePiece BPE model plus the transformers tokenizer files made from it."""
-    import sentencepiece as spm
-
     from modeling_visualglm.conversion.formats.llama import llama_tokenizer
 
     folder = tmp_path_factory.mktemp("vicuna_spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()), model_prefix=str(folder / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-    )
+    train_llama_spm(folder)
     llama_tokenizer(folder / "tokenizer.model", []).save(folder)  # tokenizer.json: what transformers 5 loads
     return folder
 

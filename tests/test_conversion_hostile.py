@@ -655,9 +655,8 @@ BIG = dict(vocab_size=150_000, hidden_size=256, intermediate_size=512, num_atten
 
 @pytest.fixture(scope="module")
 def big_sat(tiny_tokenizer, tmp_path_factory):
-    from types import SimpleNamespace
-
-    from modeling_visualglm.tools.demo import sat_model_config, to_sat_state_dict
+    from modeling_visualglm.conversion.apply import to_original
+    from modeling_visualglm.conversion.formats.visualglm import sat_model_config
     from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
     from modeling_visualglm.tools.tiny_models import tiny_visualglm_config
 
@@ -669,8 +668,11 @@ def big_sat(tiny_tokenizer, tmp_path_factory):
     sd["lm_head.weight"] = torch.randn(shapes["lm_head.weight"], generator=g) * 0.02
     folder = tmp_path_factory.mktemp("big") / "sat"
     (folder / "1").mkdir(parents=True)
-    fake = SimpleNamespace(config=cfg, state_dict=lambda: sd)
-    torch.save({"module": to_sat_state_dict(fake)}, folder / "1" / "mp_rank_00_model_states.pt")
+    sat = to_original(sd, "sat-visualglm", cfg)
+    # SAT's ChatGLM also saves an unused absolute-position table (the converter drops it)
+    sat["transformer.position_embeddings.weight"] = torch.zeros(cfg.text_config.max_position_embeddings,
+                                                                cfg.text_config.hidden_size)
+    torch.save({"module": sat}, folder / "1" / "mp_rank_00_model_states.pt")
     (folder / "latest").write_text("1")
     (folder / "model_config.json").write_text(json.dumps(sat_model_config(cfg)))
     return folder

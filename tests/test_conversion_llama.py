@@ -123,18 +123,22 @@ def corpus() -> list[str]:
     return out
 
 
-@pytest.fixture(scope="session")
-def spm_file(tmp_path_factory) -> Path:
-    """A LLaMA-like SentencePiece BPE model: byte fallback, identity normalizer, whitespace kept, ids 0-2 specials."""
+def train_llama_spm(folder: Path) -> Path:
+    """A LLaMA-like SentencePiece BPE model in ``folder``: byte fallback, identity normalizer, whitespace kept,
+    ids 0-2 specials (also the Vicuna tokenizer of test_conversion_fastchat)."""
     import sentencepiece as spm
 
-    folder = tmp_path_factory.mktemp("llama_spm")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_prefix=str(folder / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
     )
     return folder / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def spm_file(tmp_path_factory) -> Path:
+    return train_llama_spm(tmp_path_factory.mktemp("llama_spm"))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """End to end for ``sat-visualglm`` and ``hf-visualglm``.
 
-A tiny seeded random VisualGLM (ours) is written in the original layouts by an independent inverse mapping
-written here (our names → SAT / THUDM-HF names, interleaved → blocked qkv where SAT stores it blocked):
+A tiny seeded random VisualGLM (ours) is written in the original layouts by the converter's rule tables run
+backwards (``conversion.apply.to_original``: our names → SAT names, interleaved → blocked qkv where SAT stores it
+blocked), checked independently by SwissArmyTransformer's own model classes (see "the original layouts" below):
 
 - SAT: the names are checked by loading them strictly into SwissArmyTransformer's own module tree
   (sat 0.4.12 ``ChatGLMModel`` + the VisualGLM-6B ``eva`` mixin: ``ViTModel`` with ``ln_vision``, a
@@ -35,6 +36,7 @@ from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGenerat
 from modeling_visualglm.processing_visualglm import build_visualglm_inputs
 from modeling_visualglm.tools.tiny_models import demo_image_path, randomize_, tiny_visualglm_config
 
+from modeling_visualglm.conversion.apply import to_original
 from modeling_visualglm.conversion.cli import main as convert_main
 from modeling_visualglm.hub_export.check import blocker_source
 from modeling_visualglm.hub_export.code import import_closure
@@ -79,50 +81,20 @@ def inputs(ours, tiny_tokenizer):
     return {"input_ids": torch.tensor([ids]), "pixel_values": pixels["pixel_values"]}
 
 
-# --- inverse mappings: our names → the original layouts -------------------------------------------------
-
-def interleaved_to_blocked(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[h: q, k, v] rows → [Q all heads; K; V], written with per-head slices."""
-    hd = t.shape[0] // (3 * num_heads)
-    heads = [t[h * 3 * hd : (h + 1) * 3 * hd] for h in range(num_heads)]
-    return torch.cat([head[part * hd : (part + 1) * hd] for part in range(3) for head in heads])
-
-
-VIT_NAMES = {
-    "embeddings.cls_embedding": "transformer.word_embeddings.weight",
-    "embeddings.position_embedding": "transformer.position_embeddings.weight",
-    "embeddings.patch_embedding.weight": "mixins.patch_embedding.proj.weight",
-    "embeddings.patch_embedding.bias": "mixins.patch_embedding.proj.bias",
-    "post_layernorm.weight": "mixins.cls.ln_vision.weight",
-    "post_layernorm.bias": "mixins.cls.ln_vision.bias",
-}
-
+# --- the original layouts -------------------------------------------------------------------------------
+# The SAT files are written with the converter's own rule table run backwards (conversion.apply.to_original). On its
+# own that could not catch a wrong rule: the forward conversion would undo it and the logits of the converted folder
+# would still equal ours bit for bit. The independent side is SwissArmyTransformer: its own module tree loads the
+# written names strictly (write_sat), and its own ChatGLM, ViT and Q-Former classes, run on the written weights, give
+# our model's outputs (test_swissarmytransformer_runs_the_written_checkpoint_like_ours). So SAT(to_original(ours)) ==
+# ours, whatever our rules say, and convert(to_original(ours)) == ours. The THUDM-HF files are the SAT names renamed
+# the way THUDM's convert script did it (write_hf), not through the hf-visualglm table.
 
 def to_sat(model, qkv_layout: str, lm_head: torch.Tensor | None = None) -> dict:
-    nh = model.config.text_config.num_attention_heads
-    out = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().clone()
-        if name == "lm_head.weight":
-            out["mixins.chatglm-final.lm_head.weight"] = t if lm_head is None else lm_head.clone()
-        elif name.startswith("language_model."):
-            rest = name[len("language_model."):]
-            if "query_key_value" in rest and qkv_layout == "blocked":
-                t = interleaved_to_blocked(t, nh)
-            out["transformer." + rest] = t
-        elif name.startswith("vision_model."):
-            rest = name[len("vision_model."):]
-            rest = VIT_NAMES.get(rest, "transformer." + rest)
-            out["mixins.eva.model.vit." + rest] = t
-        elif name.startswith("qformer."):
-            rest = name[len("qformer."):]
-            rest = "transformer.word_embeddings.weight" if rest == "query_tokens" else "transformer." + rest
-            out["mixins.eva.model.qformer." + rest] = t
-        elif name.startswith("glm_proj."):
-            out["mixins.eva.model." + name] = t
-        else:
-            raise AssertionError(f"no SAT name for {name}")
-    return out
+    sd = dict(model.state_dict())
+    if lm_head is not None:
+        sd["lm_head.weight"] = lm_head
+    return to_original(sd, "sat-visualglm", model.config, qkv_layout=qkv_layout)
 
 
 def build_sat_visualglm(cfg):
@@ -141,6 +113,9 @@ def build_sat_visualglm(cfg):
             super().__init__()
             self.ln_vision = nn.LayerNorm(hidden_size)
 
+        def final_forward(self, logits, **kw_args):
+            return self.ln_vision(logits)
+
     class EVAViT(ViTModel):
         def __init__(self, args):
             super().__init__(args)
@@ -151,6 +126,12 @@ def build_sat_visualglm(cfg):
         def __init__(self, args):
             super().__init__(args, activation_func=nn.functional.gelu)
             self.transformer.position_embeddings = None
+
+        def final_forward(self, logits, **kw_args):
+            return logits
+
+        def position_embedding_forward(self, position_ids, **kw_args):
+            return None
 
     class BLIP2(nn.Module):
         def __init__(self, eva_args, qformer_args):
@@ -465,6 +446,32 @@ def test_fresh_interpreter_logits_are_bit_identical(converted, references, input
             ref = references[name](**inputs).logits
         assert logits[folder].dtype == torch.float32 and logits[folder].shape == ref.shape
         assert torch.equal(logits[folder], ref), f"{name}: max diff {(logits[folder] - ref).abs().max()}"
+
+
+@torch.no_grad()
+def test_swissarmytransformer_runs_the_written_checkpoint_like_ours(sources, sat_tree, ours, inputs, tiny_tokenizer):
+    """The independent side of the parity tests: SAT's own classes on the SAT file that to_original wrote."""
+    from helpers import rel_err
+
+    sat_model, _ = sat_tree
+    sd = torch.load(sources["sat-blocked"] / "1" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    sd.pop("transformer.position_embeddings.weight")  # the unused table older files carry (SAT's tree has none)
+    sat_model.load_state_dict(sd, strict=True)
+    sat_model.eval()
+    # ChatGLM (text only): SAT builds its own 2D positions and prefix mask
+    ids = torch.tensor([build_visualglm_inputs(tiny_tokenizer, QUERY, has_image=False, num_image_tokens=0)])
+    mask, pos = sat_model.get_inputs(ids)
+    assert rel_err(ours(input_ids=ids).logits, sat_model(input_ids=ids, position_ids=pos, attention_mask=mask)[0]) <= 1e-4
+    # BLIP-2: ViT with ln_vision (one dummy id = the CLS lookup), Q-Former (ids 0..Q-1 = the queries), glm_proj
+    blip2, ones = sat_model.mixins.eva.model, torch.tensor([[1.0]])
+    image = blip2.vit(input_ids=torch.zeros(1, 1, dtype=torch.long), position_ids=None, attention_mask=ones,
+                      image=inputs["pixel_values"])[0]
+    assert rel_err(ours.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state, image) <= 1e-5
+    queries = torch.arange(ours.config.qformer_config.num_query_tokens)[None]
+    sat_q = blip2.qformer(input_ids=queries, position_ids=None, attention_mask=ones, encoder_outputs=image,
+                          cross_attention_mask=ones)[0]
+    assert rel_err(ours.qformer(encoder_hidden_states=image).last_hidden_state, sat_q) <= 1e-5
+    assert torch.equal(ours.glm_proj(sat_q), blip2.glm_proj(sat_q))
 
 
 def test_wrong_qkv_layout_changes_the_logits(sources, ours, inputs, tiny_tokenizer_dir, tmp_path):

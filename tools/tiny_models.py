@@ -100,3 +100,144 @@ def demo_image_path() -> str:
     from importlib.resources import files
 
     return str(files("modeling_visualglm.tools") / "assets" / "demo.png")
+
+
+# --- the tiny *trained* models (tools/train_tiny.py, shipped in tools/trained/<family>/) ------------------------
+# Sized for 2 CPU cores and ~2 MB of fp16 weights: a 56 px picture in 8 px patches (7x7 grid, so the 3x3 cells of
+# the pictures are visible), 2-layer blocks, 64-wide language models, a Q-Former with 8 queries.
+
+TRAINED_FAMILIES = ("visualglm", "minigpt4", "cogvlm")
+_TRAINED_VISION = dict(image_size=56, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4)
+_TRAINED_QFORMER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        num_query_tokens=8)
+
+
+def trained_visualglm_config(tokenizer):
+    """VisualGLM for the trained tiny model: EVA ViT (56 px / 8 px patches) → Q-Former (8 queries) → ChatGLM
+    (2 layers, hidden 64); token ids from the ice_text-like ``tokenizer``."""
+    return tiny_visualglm_config(
+        tokenizer,
+        vision_config=dict(_TRAINED_VISION),
+        qformer_config=dict(_TRAINED_QFORMER),
+        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                         max_position_embeddings=256),
+    )
+
+
+def trained_minigpt4_config(tokenizer):
+    """MiniGPT-4 (Vicuna v0) for the trained tiny model: EVA ViT → Q-Former (8 queries) → projection → LLaMA
+    (2 layers, hidden 64); the image placeholder is the first id past the SentencePiece pieces."""
+    from ..configuration_minigpt4 import MiniGPT4Config
+
+    vocab = len(tokenizer)
+    # head widths of the originals (EVA ViT-g 88, BERT-base 64): MiniGPT-4's files carry no head count, so the
+    # converter derives it from them
+    return MiniGPT4Config(
+        variant="vicuna0",
+        vision_config={**_TRAINED_VISION, "hidden_size": 88, "intermediate_size": 176, "num_attention_heads": 1},
+        qformer_config={**_TRAINED_QFORMER, "num_attention_heads": 1},
+        text_config=dict(vocab_size=vocab + 1, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         use_visual_experts=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=0),
+        image_token_id=vocab,
+    )
+
+
+def trained_cogvlm_config(tokenizer):
+    """CogVLM (v1: Vicuna tokenizer format, ``chat`` template) for the trained tiny model: EVA2-CLIP-style tower
+    (56 px / 8 px patches → 49 + boi/eoi image tokens) → GLU adapter → LLaMA with visual experts (2 layers, 64)."""
+    from ..configuration_cogvlm import CogVLMConfig, default_text_config, default_vision_config
+
+    return CogVLMConfig(
+        version="cogvlm",
+        vision_config={**default_vision_config("cogvlm"), **_TRAINED_VISION},
+        text_config={**default_text_config("cogvlm"), "vocab_size": len(tokenizer), "hidden_size": 64,
+                     "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 4, "max_position_embeddings": 256,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": 0},
+    )
+
+
+def trained_dir(family: str):
+    """The package-data folder of a trained tiny model (``tools/trained/<family>``)."""
+    from importlib.resources import files
+
+    if family not in TRAINED_FAMILIES:
+        raise ValueError(f"no trained tiny model for {family!r}; known: {TRAINED_FAMILIES}")
+    return files("modeling_visualglm.tools") / "trained" / family
+
+
+def trained_tokenizer(family: str, folder=None):
+    """The tokenizer of a trained tiny model, from the SentencePiece model shipped with it."""
+    folder = str(folder or trained_dir(family))
+    if family == "visualglm":
+        from ..tokenization_chatglm import ChatGLMTokenizer
+
+        return ChatGLMTokenizer(vocab_file=f"{folder}/ice_text.model")
+    from .tiny_tokenizer import llama_tokenizer_from_model
+
+    if family == "minigpt4":
+        from ..processing_minigpt4 import MiniGPT4Tokenizer
+        import sentencepiece as spm
+
+        pieces = spm.SentencePieceProcessor(model_file=f"{folder}/tokenizer.model").get_piece_size()
+        return llama_tokenizer_from_model(f"{folder}/tokenizer.model", MiniGPT4Tokenizer, image_token_id=pieces)
+    return llama_tokenizer_from_model(f"{folder}/tokenizer.model")
+
+
+def trained_model_class(family: str):
+    if family == "visualglm":
+        from ..modeling_visualglm import VisualGLMForConditionalGeneration as cls
+    elif family == "minigpt4":
+        from ..modeling_minigpt4 import MiniGPT4ForConditionalGeneration as cls
+    else:
+        from ..modeling_cogvlm import CogVLMForConditionalGeneration as cls
+    return cls
+
+
+def load_trained(family: str, folder=None, dtype=torch.float32):
+    """(model, tokenizer) of the shipped trained tiny model of ``family``, in ``dtype`` (the file is fp16)."""
+    from safetensors.torch import load_file
+
+    folder = str(folder or trained_dir(family))
+    cls = trained_model_class(family)
+    config = cls.config_class.from_json_file(f"{folder}/config.json")
+    model = cls(config)
+    state = load_file(f"{folder}/model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{folder}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    if tied:
+        model.tie_weights()
+    return model.to(dtype).eval(), trained_tokenizer(family, folder)
+
+
+# --- CogVLM with a tokenizer's ids (tests/test_cogvlm.py, tests/test_conversion_cogvlm.py) --------------------------
+
+COGVLM_IMAGE_SIZE = {"cogvlm": 56, "cogvlm2": 112}  # CogVLM2's stride-2 conv needs an even grid: 8x8 → 4x4
+
+
+def tiny_cogvlm_tokenized_config(tokenizer, version: str = "cogvlm"):
+    """A CogVLM (56 px, 8 KV heads) or CogVLM2 (112 px, 2 KV heads, vision-expert qkv bias) config with 2-layer
+    blocks whose vocabulary and bos/eos ids are ``tokenizer``'s (pad 0)."""
+    from ..configuration_cogvlm import CogVLMConfig
+
+    v2 = version == "cogvlm2"
+    return CogVLMConfig(
+        version=version,
+        vision_config=dict(
+            image_size=COGVLM_IMAGE_SIZE[version], patch_size=14, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, layer_norm_eps=1e-6, qkv_bias=True,
+            layernorm_order="post_sublayer", use_post_layernorm=False, drop_cls_token=True,
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=2 if v2 else 8, vision_qkv_bias=v2,
+            rope_theta=500000.0 if v2 else 10000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
+        ),
+    )

@@ -60,6 +60,13 @@ class Format:
     def load(self, args) -> Loaded:
         raise NotImplementedError
 
+    def rule_table(self, config, **options) -> list[Rule]:
+        """The rules ``load`` uses for a model of ``config`` (``options``: the format's flags that change them, e.g.
+        ``qkv_layout``), for ``conversion.apply.to_original``. Formats whose source is several checkpoints (model
+        ranks, a base and a delta, MiniGPT-4's files) have none."""
+        raise ConversionError(f"--format {self.name} has no reverse conversion (its source is not one checkpoint "
+                              "whose rules can be run backwards)")
+
 
 def existing_dir(path: str | Path, what: str) -> Path:
     path = Path(path)

@@ -23,21 +23,25 @@ from ...hub_export.families import COGVLM
 
 from ..errors import ConversionError
 from ..rules import drop, rename
-from ..sources import hf_folder_source, torch_file_source
-from ..validate import (MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config, is_int,
-                        raise_if, read_json_object, read_latest)
+from ..sources import (TOKENIZER_FILES, closed_on_error, find_tokenizer, hf_folder_source, load_tokenizer_folder,
+                       open_sat_folder, read_json_object, torch_file_source)
+from ..validate import MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config, is_int, raise_if
 from .base import Format, Loaded, existing_dir
-from .llama import load_tokenizer_folder, tokenizer_files
 
 ROPE_THETA = {"cogvlm": 10000.0, "cogvlm2": 500000.0}
 
 
 # --- rule tables ------------------------------------------------------------------------------------------
 
-def _vision_layer_rules(src_layers: str, mlp: tuple[str, str]) -> list:
-    """EVA2-CLIP-E layers under ``src_layers`` (``….layers.``); ``mlp`` = the source's (in, out) fc names."""
+def _vision_rules(emb: str, emb_names: dict[str, str], src_layers: str, mlp: tuple[str, str]) -> list:
+    """EVA2-CLIP-E: the embeddings under ``emb`` (``emb_names``: the source names of the patch projection ``proj``,
+    the CLS token ``cls`` and the position table ``pos``) and the layers under ``src_layers`` (``….layers.``);
+    ``mlp`` = the source's (in, out) fc names."""
     fc_in, fc_out = mlp
     return [
+        rename(emb + emb_names["proj"] + ".{wb}", "vision_model.embeddings.patch_embedding.{wb}"),
+        rename(emb + emb_names["cls"], "vision_model.embeddings.cls_embedding"),
+        rename(emb + emb_names["pos"], "vision_model.embeddings.position_embedding"),
         rename(src_layers + "{i}.{ln:input_layernorm|post_attention_layernorm}.{wb}",
                "vision_model.layers.{i}.{ln}.{wb}"),
         rename(src_layers + "{i}.attention.{lin:query_key_value|dense}.{wb}",
@@ -73,10 +77,9 @@ def hf_rules() -> list:
         rename("lm_head.weight", "lm_head.weight"),
         drop("model.layers.{i}.self_attn.rotary_emb.inv_freq",
              "rotary frequencies are a buffer of THUDM's code; our model recomputes them from the config"),
-        rename(vis + "patch_embedding.proj.{wb}", "vision_model.embeddings.patch_embedding.{wb}"),
-        rename(vis + "patch_embedding.cls_embedding", "vision_model.embeddings.cls_embedding"),
-        rename(vis + "patch_embedding.position_embedding.weight", "vision_model.embeddings.position_embedding"),
-        *_vision_layer_rules(vis + "transformer.layers.", ("fc1", "fc2")),
+        *_vision_rules(vis + "patch_embedding.", {"proj": "proj", "cls": "cls_embedding",
+                                                   "pos": "position_embedding.weight"},
+                       vis + "transformer.layers.", ("fc1", "fc2")),
         *_adapter_rules(vis),
     ]
 
@@ -104,11 +107,10 @@ def sat_rules() -> list:
         rename("mixins.lm.lm_head.weight", "lm_head.weight"),
         drop("mixins.rotary.rotary_emb.inv_freq",
              "rotary frequencies are a persistent SAT buffer; our model recomputes them from the config"),
-        rename(vit + "mixins.patch_embedding.proj.{wb}", "vision_model.embeddings.patch_embedding.{wb}"),
         # SAT's ViT is a BaseModel with a one-row vocabulary: its "word embedding" is the CLS token
-        rename(vit + "transformer.word_embeddings.weight", "vision_model.embeddings.cls_embedding"),
-        rename(vit + "transformer.position_embeddings.weight", "vision_model.embeddings.position_embedding"),
-        *_vision_layer_rules(vit + "transformer.layers.", ("dense_h_to_4h", "dense_4h_to_h")),
+        *_vision_rules(vit, {"proj": "mixins.patch_embedding.proj", "cls": "transformer.word_embeddings.weight",
+                             "pos": "transformer.position_embeddings.weight"},
+                       vit + "transformer.layers.", ("dense_h_to_4h", "dense_4h_to_h")),
         *_adapter_rules("mixins.eva."),
     ]
 
@@ -121,18 +123,11 @@ def _hidden_act(f: Fields, default: str):
     return f.str("hidden_act", default=default, choices=tuple(sorted(ACT2FN)))
 
 
-def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
-    """``CogVLMConfig`` from THUDM's HF ``config.json`` (``hf``: ``vision_config``) or SAT's ``model_config.json``
-    (``eva_args``). Types, ranges and the relations between fields are checked first; every problem is
-    reported in one ``ConversionError``."""
-    from modeling_visualglm.configuration_cogvlm import CogVLMConfig
-    from modeling_visualglm.processing_cogvlm import TEMPLATES
-
-    problems: list[str] = []
-    t_f = Fields(text, where, problems)
-    vf = t_f.section("vision_config" if hf else "eva_args")
+def _vision_config(vf: Fields, *, version: str, hf: bool) -> dict:
+    """EVA2-CLIP-E from THUDM's ``vision_config`` (``hf``) or SAT's ``eva_args``, with its relations checked."""
+    problems = vf.problems
+    v_hidden = vf.int("hidden_size", max=MAX_WIDTH)
     if hf:
-        v_hidden = vf.int("hidden_size", max=MAX_WIDTH)
         v_heads = vf.int(("num_heads", "num_attention_heads"), max=MAX_WIDTH)
         v = dict(
             image_size=vf.image_size(),
@@ -147,11 +142,6 @@ def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
         )
         positions = vf.int("num_positions", required=False, max=MAX_POSITIONS)
     else:
-        for key, want in {"layernorm_order": "post", "use_final_layernorm": False, "pre_len": 1,
-                          "post_len": 0}.items():
-            if key in vf.data and vf.data[key] != want:
-                problems.append(f"{vf.where}: {key}={vf.data[key]!r} is not EVA2-CLIP-E's ({want!r}); unsupported")
-        v_hidden = vf.int("hidden_size", max=MAX_WIDTH)
         v_heads = vf.int("num_attention_heads", max=MAX_WIDTH)
         v = dict(
             image_size=vf.image_size(),
@@ -175,7 +165,12 @@ def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
                             f"{v['patch_size']} has {grid}x{grid} patches + CLS = {grid * grid + 1}")
         if version == "cogvlm2" and grid % 2:
             problems.append(f"{vf.where}: CogVLM2's 2x2 conv needs an even patch grid, got {grid}x{grid}")
+    return v
 
+
+def _text_config(t_f: Fields, *, version: str, hf: bool) -> dict:
+    """The language model from THUDM's ``config.json`` (``hf``) or SAT's ``model_config.json``, checked."""
+    where, problems = t_f.where, t_f.problems
     heads = t_f.int("num_attention_heads", max=MAX_WIDTH)
     hidden = t_f.int("hidden_size", max=MAX_WIDTH)
     # CogVLM2's grouped-query heads are called num_multi_query_heads in THUDM's code
@@ -185,9 +180,8 @@ def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
             and (hidden // heads) % 2:
         problems.append(f"{where}: head dim {hidden // heads} is odd; rotary embeddings need an even one")
     t_f.divisible("num_attention_heads", heads, "key/value heads", kv_heads)
-    vocab = t_f.int("vocab_size", max=MAX_VOCAB)
     t = dict(
-        vocab_size=vocab,
+        vocab_size=t_f.int("vocab_size", max=MAX_VOCAB),
         hidden_size=hidden,
         intermediate_size=t_f.int("intermediate_size" if hf else "inner_hidden_size", max=MAX_WIDTH),
         num_hidden_layers=t_f.int("num_hidden_layers" if hf else "num_layers", max=MAX_LAYERS),
@@ -204,9 +198,16 @@ def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
         problems.append(f"{where}: the checkpoint has CogVLM2's conv but no num_multi_query_heads (8 KV heads)")
     if not hf and t_f.bool("use_bias", default=False):
         problems.append(f"{where}: use_bias=true; CogVLM's language linears have no bias")
+    return t
+
+
+def _token_ids(t_f: Fields, tokenizer, version: str) -> dict:
+    """bos/eos/pad: the config's (a list of eos ids keeps the first), checked against the tokenizer's; else the
+    tokenizer's; else the version's defaults."""
+    where, problems, ids = t_f.where, t_f.problems, {}
     defaults = {"bos_token_id": (1, 128000), "eos_token_id": (2, 128001), "pad_token_id": (0, 128002)}
     for key, (v1, v2) in defaults.items():
-        from_cfg = text.get(key)
+        from_cfg = t_f.data.get(key)
         if isinstance(from_cfg, list) and key == "eos_token_id":  # a list of stop ids: the config keeps the first
             ok = bool(from_cfg) and all(is_int(i) and 0 <= i < MAX_VOCAB for i in from_cfg)
             if not ok:
@@ -217,8 +218,30 @@ def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
         from_tok = getattr(tokenizer, key, None) if tokenizer is not None else None
         if key != "pad_token_id" and from_cfg is not None and from_tok is not None and from_cfg != from_tok:
             problems.append(f"{where}: {key}={from_cfg} but the tokenizer's is {from_tok} (wrong tokenizer?)")
-        t[key] = from_cfg if from_cfg is not None else from_tok if from_tok is not None else (
+        ids[key] = from_cfg if from_cfg is not None else from_tok if from_tok is not None else (
             v1 if version == "cogvlm" else v2)
+    return ids
+
+
+def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
+    """``CogVLMConfig`` from THUDM's HF ``config.json`` (``hf``: ``vision_config``) or SAT's ``model_config.json``
+    (``eva_args``). Types, ranges and the relations between fields are checked first; every problem is
+    reported in one ``ConversionError``."""
+    from modeling_visualglm.configuration_cogvlm import CogVLMConfig
+    from modeling_visualglm.processing_cogvlm import TEMPLATES
+
+    problems: list[str] = []
+    t_f = Fields(text, where, problems)
+    vf = t_f.section("vision_config" if hf else "eva_args")
+    if not hf:
+        for key, want in {"layernorm_order": "post", "use_final_layernorm": False, "pre_len": 1,
+                          "post_len": 0}.items():
+            if key in vf.data and vf.data[key] != want:
+                problems.append(f"{vf.where}: {key}={vf.data[key]!r} is not EVA2-CLIP-E's ({want!r}); unsupported")
+    v = _vision_config(vf, version=version, hf=hf)
+    t = _text_config(t_f, version=version, hf=hf)
+    t.update(_token_ids(t_f, tokenizer, version))
+    vocab = t["vocab_size"]
     if tokenizer is not None and vocab and len(tokenizer) > vocab:
         problems.append(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab} "
                         "embedding rows (wrong tokenizer?)")
@@ -229,18 +252,14 @@ def cogvlm_config(text: dict, *, version: str, where: str, tokenizer, hf: bool):
 
 # --- tokenizer -------------------------------------------------------------------------------------------
 
-def load_tokenizer(explicit: str | None, fallback: Path | None):
+def load_tokenizer(explicit: str | None, fallback: Path):
     """``--tokenizer`` (a tokenizer folder, or a file inside one), else ``fallback`` if it holds one."""
-    if explicit is not None:
-        path = Path(explicit)
-        folder = path.parent if path.is_file() else path
-    elif fallback is not None and tokenizer_files(fallback):
-        folder = fallback
-    else:
+    found = find_tokenizer(explicit, [fallback], TOKENIZER_FILES)
+    if found is None:
         return None
-    tokenizer = load_tokenizer_folder(folder)
+    tokenizer = load_tokenizer_folder(found.parent)
     if tokenizer.bos_token_id is None:
-        raise ConversionError(f"{folder}: the tokenizer has no bos token; CogVLM prompts start with one")
+        raise ConversionError(f"{found.parent}: the tokenizer has no bos token; CogVLM prompts start with one")
     return tokenizer
 
 
@@ -266,38 +285,22 @@ class SatCogVLM(Format):
             "model_config.json)")
     required_flags = ("src",)
 
+    def rule_table(self, config) -> list:
+        return sat_rules()
+
     def load(self, args) -> Loaded:
-        src = existing_dir(args.src, "--src")
-        tag = read_latest(src)
-        where = f"{src}/model_config.json"
-        args_json = read_json_object(src / "model_config.json")
-        problems: list[str] = []
-        top = Fields(args_json, where, problems)
-        mp = top.int("model_parallel_size", default=1)
-        model_class = top.str("model_class", default="CogVLMModel")
-        raise_if(problems, f"cannot read {where}")
-        if mp != 1:
-            raise ConversionError(f"{src}: model_parallel_size={mp}; merge the model-parallel ranks first "
-                                  "(THUDM/CogVLM utils/merge_model.py)")
-        if "CogVLM" not in model_class:
-            raise ConversionError(f"{where}: model_class {model_class!r} is not a CogVLM model")
-        if not isinstance(args_json.get("eva_args"), dict):
-            raise ConversionError(f"{where} has no eva_args object: not a CogVLM checkpoint")
-        ckpt = src / tag / "mp_rank_00_model_states.pt"
-        source = torch_file_source(ckpt, subkey="module")
-        if any(".matrix_A." in k or ".matrix_B." in k for k in source.keys()):
-            source.close()
-            raise ConversionError(f"{ckpt} has unmerged LoRA adapters: merge them first "
-                                  "(SAT: model.get_mixin('lora').merge_lora(), then save_checkpoint)")
-        version = "cogvlm2" if "mixins.eva.conv.weight" in source else "cogvlm"
-        tokenizer = load_tokenizer(args.tokenizer, src)
-        try:
-            config = cogvlm_config(args_json, version=version, where=where, tokenizer=tokenizer, hf=False)
-        except ConversionError:
-            source.close()
-            raise
-        notes = [f"SAT checkpoint {ckpt} (iteration {tag}, model_class {model_class})"]
-        return _loaded(source, sat_rules(), config, tokenizer, notes, version)
+        sat = open_sat_folder(existing_dir(args.src, "--src"), family="CogVLM",
+                              merge_hint="THUDM/CogVLM utils/merge_model.py")
+        if not isinstance(sat.args.get("eva_args"), dict):
+            raise ConversionError(f"{sat.where} has no eva_args object: not a CogVLM checkpoint")
+        with closed_on_error(torch_file_source(sat.checkpoint, subkey="module")) as source:
+            if any(".matrix_A." in k or ".matrix_B." in k for k in source.keys()):
+                raise ConversionError(f"{sat.checkpoint} has unmerged LoRA adapters: merge them first "
+                                      "(SAT: model.get_mixin('lora').merge_lora(), then save_checkpoint)")
+            version = "cogvlm2" if "mixins.eva.conv.weight" in source else "cogvlm"
+            tokenizer = load_tokenizer(args.tokenizer, sat.folder)
+            config = cogvlm_config(sat.args, version=version, where=sat.where, tokenizer=tokenizer, hf=False)
+        return _loaded(source, self.rule_table(config), config, tokenizer, [sat.describe()], version)
 
 
 class HfCogVLM(Format):
@@ -306,18 +309,17 @@ class HfCogVLM(Format):
             "shards); CogVLM1 needs --tokenizer (Vicuna-7B-v1.5)")
     required_flags = ("src",)
 
+    def rule_table(self, config) -> list:
+        return hf_rules()
+
     def load(self, args) -> Loaded:
         src = existing_dir(args.src, "--src")
         cfg = read_json_object(src / "config.json")
         if not isinstance(cfg.get("vision_config"), dict):
             raise ConversionError(f"{src}/config.json has no vision_config: not a CogVLM HF folder")
-        source = hf_folder_source(src)
-        version = "cogvlm2" if "model.vision.conv.weight" in source else "cogvlm"
-        try:
+        with closed_on_error(hf_folder_source(src)) as source:
+            version = "cogvlm2" if "model.vision.conv.weight" in source else "cogvlm"
             tokenizer = load_tokenizer(args.tokenizer, src)
             config = cogvlm_config(cfg, version=version, where=f"{src}/config.json", tokenizer=tokenizer, hf=True)
-        except ConversionError:
-            source.close()
-            raise
         notes = [f"THUDM HF folder {src} ({len(source)} tensors)"]
-        return _loaded(source, hf_rules(), config, tokenizer, notes, version)
+        return _loaded(source, self.rule_table(config), config, tokenizer, notes, version)

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..rules import convert, drop
-from ..sources import PrefixedSource, hf_folder_source
+from ..sources import PrefixedSource, closed_on_error, hf_folder_source, read_json_object
 from ..validate import MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config
 from .base import Format, Loaded, existing_dir
-from .llama import SPECIAL_PIECES, find_llama_tokenizer, read_json
+from .llama import SPECIAL_PIECES, find_llama_tokenizer
 
 # architecture fields a delta must share with its base
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
@@ -128,11 +128,11 @@ def check_configs(base_cfg: dict, delta_cfg: dict | None, base_dir: Path, delta_
 
 def repair_notes(folder: Path, notes: list[str]):
     """Record what the tokenizer files of an early conversion got wrong (the output is written anew)."""
-    tok_cfg = read_json(folder / "tokenizer_config.json", required=False) or {}
+    tok_cfg = read_json_object(folder / "tokenizer_config.json", required=False) or {}
     if tok_cfg.get("tokenizer_class") == "LLaMATokenizer":
         notes.append(f"{folder.name}/tokenizer_config.json says LLaMATokenizer (transformers#22222): "
                      "written as LlamaTokenizer")
-    special = read_json(folder / "special_tokens_map.json", required=False) or {}
+    special = read_json_object(folder / "special_tokens_map.json", required=False) or {}
     for key, piece in (("unk_token", "<unk>"), ("bos_token", "<s>"), ("eos_token", "</s>")):
         value = special.get(key, tok_cfg.get(key))
         if isinstance(value, dict):
@@ -193,8 +193,8 @@ class FastChatDelta(Format):
         base_dir = existing_dir(args.base, "--base")
         delta_dir = existing_dir(args.delta, "--delta")
         notes = [f"base {base_dir}, delta {delta_dir}"]
-        base_cfg = read_json(base_dir / "config.json", required=True)
-        delta_cfg = read_json(delta_dir / "config.json", required=False)
+        base_cfg = read_json_object(base_dir / "config.json", required=True)
+        delta_cfg = read_json_object(delta_dir / "config.json", required=False)
         check_configs(base_cfg, delta_cfg, base_dir, delta_dir, notes)
         base_src = hf_folder_source(base_dir)
         try:
@@ -203,7 +203,7 @@ class FastChatDelta(Format):
             base_src.close()
             raise
         source = PrefixedSource({"base": base_src, "delta": delta_src}, description=f"{base_dir} + delta {delta_dir}")
-        try:
+        with closed_on_error(source):
             rows = {}
             for side, src in (("base", base_src), ("delta", delta_src)):
                 key = "model.embed_tokens.weight"
@@ -236,8 +236,5 @@ class FastChatDelta(Format):
             notes.append(f"sum computed in {dtype or 'the delta dtype'}"
                          + (" (FastChat: float16)" if dtype is None else " (both operands cast first)"))
             rules = delta_rules(dtype)
-        except BaseException:
-            source.close()
-            raise
         return Loaded(source=source, rules=rules, config=config, model_class=LlamaForCausalLM, family=None,
                       tokenizer=tokenizer, notes=notes)

@@ -30,14 +30,11 @@ from pathlib import Path
 from ..errors import ConversionError
 from ..plain import TokenizerFiles
 from ..rules import convert, drop, rename
-from ..sources import PrefixedSource, torch_file_source
-from ..validate import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, Fields, build_config, is_int, raise_if, read_json_object
+from ..sources import (SPM_FILE, TOKENIZER_JSON, PrefixedSource, closed_on_error, find_tokenizer, load_tokenizer_folder,
+                       read_json_object, torch_file_source)
+from ..validate import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, Fields, build_config, is_int, raise_if
 from .base import Format, Loaded, existing_dir
 
-SPM_FILE = "tokenizer.model"
-TOKENIZER_JSON = "tokenizer.json"
-# what a tokenizer folder may hold (listed in messages about one)
-TOKENIZER_FILES = (SPM_FILE, TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 # the ids every LLaMA-1/2 SentencePiece model (and so Vicuna's) assigns its special pieces
 SPECIAL_PIECES = {0: "<unk>", 1: "<s>", 2: "</s>"}
@@ -252,65 +249,23 @@ def spm_settings(sp) -> dict:
     return out
 
 
-def tokenizer_files(folder: Path) -> list[str]:
-    """The tokenizer files in ``folder``, for messages."""
-    return [f for f in TOKENIZER_FILES if (folder / f).is_file()]
-
-
-def load_tokenizer_folder(folder: Path, cls=None, **kwargs):
-    """``cls.from_pretrained(folder)`` (default ``AutoTokenizer``); a failure says which files it found and what
-    it needs.
-
-    transformers 5 loads ``tokenizer.json``; a folder with only ``tokenizer.model`` + ``tokenizer_config.json``
-    (FastChat's Vicuna folders, lmsys' deltas) goes through its SentencePiece extractor, which needs protobuf:
-    without it transformers falls back to tiktoken and fails with "tiktoken is required".
-    """
-    from transformers import AutoTokenizer
-    from transformers.utils import is_protobuf_available
-
-    if not folder.is_dir():
-        raise ConversionError(f"tokenizer folder {folder} not found")
-    found = tokenizer_files(folder)
-    has = ", ".join(found) or "no tokenizer files"
-    if SPM_FILE not in found and TOKENIZER_JSON not in found:
-        raise ConversionError(f"{folder} holds no tokenizer (it has {has}; a tokenizer folder needs "
-                              f"{TOKENIZER_JSON}, or {SPM_FILE} + tokenizer_config.json)")
-    try:
-        return (cls or AutoTokenizer).from_pretrained(str(folder), **kwargs)
-    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, OSError, ImportError, RecursionError...
-        if TOKENIZER_JSON not in found and not is_protobuf_available():
-            raise ConversionError(
-                f"cannot load the tokenizer in {folder}: it has {has} but no {TOKENIZER_JSON}, and transformers reads "
-                f"{SPM_FILE} only with the protobuf package, which is missing (a dependency of modeling_visualglm: "
-                "pip install protobuf)") from None
-        raise ConversionError(f"cannot load the tokenizer in {folder} (it has {has}): {type(e).__name__}: "
-                              f"{str(e).strip()[:300]}") from None
-
-
 def find_llama_tokenizer(explicit: str | None, fallback_dirs: list[Path],
                          notes: list[str]) -> tuple[Path, TokenizerFiles] | None:
     """(the file read, the tokenizer) from ``--tokenizer`` (a ``tokenizer.model`` or a tokenizer folder), else from
     the first fallback folder that holds a tokenizer; None when there is none.
 
-    A ``tokenizer.model`` wins over a ``tokenizer.json`` beside it and is read by :func:`llama_tokenizer` (no
-    protobuf); a folder with only ``tokenizer.json`` loads as transformers' ``LlamaTokenizer``.
+    A ``tokenizer.model`` wins over a ``tokenizer.json`` beside it (also when ``--tokenizer`` names the json) and is
+    read by :func:`llama_tokenizer` (no protobuf); a folder with only ``tokenizer.json`` loads as transformers'
+    ``LlamaTokenizer``.
     """
-    if explicit is not None:
-        path = Path(explicit)
-        if path.is_file() and path.suffix != ".json":
-            return path, llama_tokenizer(path, notes)
-        folder = path.parent if path.is_file() else path
-        if not ((folder / SPM_FILE).is_file() or (folder / TOKENIZER_JSON).is_file()):
-            found = tokenizer_files(folder) if folder.is_dir() else []
-            raise ConversionError(f"--tokenizer {explicit}: no {SPM_FILE} or {TOKENIZER_JSON} there"
-                                  + (f" (it has {', '.join(found)})" if found else ""))
-        fallback_dirs = [folder]
-    for d in fallback_dirs:
-        if (d / SPM_FILE).is_file():
-            return d / SPM_FILE, llama_tokenizer(d / SPM_FILE, notes)
-        if (d / TOKENIZER_JSON).is_file():
-            return d / TOKENIZER_JSON, json_llama_tokenizer(d)
-    return None
+    if explicit is not None and Path(explicit).suffix == ".json" and Path(explicit).is_file():
+        explicit = str(Path(explicit).parent)
+    path = find_tokenizer(explicit, fallback_dirs, (SPM_FILE, TOKENIZER_JSON))
+    if path is None:
+        return None
+    if path.suffix == ".json":
+        return path, json_llama_tokenizer(path.parent)
+    return path, llama_tokenizer(path, notes)
 
 
 def json_llama_tokenizer(folder: Path) -> TokenizerFiles:
@@ -364,11 +319,6 @@ def llama_tokenizer(spm_path: Path, notes: list[str]) -> TokenizerFiles:
     return TokenizerFiles(tokenizer, copy=(spm_path,))
 
 
-def read_json(path: Path, required: bool = True) -> dict | None:
-    """A JSON object from ``path``; None for a missing optional file; ConversionError for anything else."""
-    return read_json_object(path, required=required)
-
-
 # --- format -----------------------------------------------------------------------------------------------
 
 def meta_shards(src: Path) -> list[Path]:
@@ -384,6 +334,21 @@ def meta_shards(src: Path) -> list[Path]:
     return found
 
 
+def _tokenizer(explicit: str | None, src: Path, vocab: int, notes: list[str]) -> TokenizerFiles | None:
+    """``--tokenizer``, else the ``tokenizer.model`` beside the weights or one level up (Meta's downloads)."""
+    found = find_llama_tokenizer(explicit, [src, src.parent], notes)
+    if found is None:
+        notes.append(f"no {SPM_FILE} in {src} or {src.parent}: the folder has no tokenizer (pass --tokenizer)")
+        return None
+    tok_path, tokenizer = found
+    pieces = len(tokenizer.tokenizer)
+    if pieces > vocab:
+        raise ConversionError(f"{tok_path} has {pieces} pieces but tok_embeddings only {vocab} rows "
+                              "(wrong tokenizer?)")
+    notes.append(f"tokenizer {tok_path} ({pieces} pieces) → {TOKENIZER_JSON}" + (f" + {SPM_FILE}" if tokenizer.copy else ""))
+    return tokenizer
+
+
 class LlamaOriginal(Format):
     name = "llama-original"
     help = ("Meta's original LLaMA-1/2 release (--src with consolidated.NN.pth, params.json, tokenizer.model) "
@@ -394,7 +359,7 @@ class LlamaOriginal(Format):
         from transformers import LlamaForCausalLM
 
         src = existing_dir(args.src, "--src")
-        params = read_json(src / "params.json")
+        params = read_json_object(src / "params.json")
         if isinstance(params.get("model"), dict):  # some re-exports nest the arguments
             params = params["model"]
         problems: list[str] = []
@@ -412,20 +377,9 @@ class LlamaOriginal(Format):
             raise
         source = PrefixedSource(sources, description=f"{src} ({len(files)} model-parallel file(s))")
         notes = [f"Meta checkpoint {src}: {len(files)} model-parallel file(s) {', '.join(p.name for p in files)}"]
-        try:
+        with closed_on_error(source):
             embed_dim, vocab = self._embedding_split(source, parts, params, src)
-            found = find_llama_tokenizer(args.tokenizer, [src, src.parent], notes)
-            tokenizer = None
-            if found is not None:
-                tok_path, tokenizer = found
-                pieces = len(tokenizer.tokenizer)
-                if pieces > vocab:
-                    raise ConversionError(f"{tok_path} has {pieces} pieces but tok_embeddings only {vocab} rows "
-                                          "(wrong tokenizer?)")
-                notes.append(f"tokenizer {tok_path} ({pieces} pieces) → {TOKENIZER_JSON}"
-                             + (f" + {SPM_FILE}" if tokenizer.copy else ""))
-            else:
-                notes.append(f"no {SPM_FILE} in {src} or {src.parent}: the folder has no tokenizer (pass --tokenizer)")
+            tokenizer = _tokenizer(args.tokenizer, src, vocab, notes)
             config, config_notes = llama_config_from_params(params, vocab_size=vocab, bos_token_id=1,
                                                             eos_token_id=2, where=f"{src}/params.json")
             notes += config_notes
@@ -434,9 +388,6 @@ class LlamaOriginal(Format):
                 raise ConversionError(f"{src}: {config.num_attention_heads} heads / {n_kv} kv heads do not split "
                                       f"evenly over {len(parts)} model-parallel files")
             rules = meta_rules(parts, n_heads=config.num_attention_heads, n_kv_heads=n_kv, embed_dim=embed_dim)
-        except BaseException:
-            source.close()
-            raise
         if len(parts) > 1:
             notes.append(f"tok_embeddings concatenated on dim {embed_dim} "
                          + ("(embedding dim split, LLaMA-1/2)" if embed_dim == 1 else "(vocabulary split)"))

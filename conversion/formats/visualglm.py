@@ -24,9 +24,8 @@ from ...hub_export.families import VISUALGLM
 
 from ..errors import ConversionError
 from ..rules import convert, drop, rename
-from ..sources import sharded_torch_source, torch_file_source
-from ..validate import (MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config, is_int,
-                        raise_if, read_json_object, read_latest)
+from ..sources import find_tokenizer, open_sat_folder, read_json_object, sharded_torch_source, torch_file_source
+from ..validate import MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config, is_int, raise_if
 from .base import Format, Loaded, existing_dir
 
 TOKENIZER_FILE = "ice_text.model"
@@ -34,32 +33,33 @@ TOKENIZER_FILE = "ice_text.model"
 
 # --- rule tables ------------------------------------------------------------------------------------------
 
+def _sat_layer_rules(src: str, dst: str, layernorms: str, linears: dict[str, str]) -> list:
+    """SAT ``BaseTransformer`` layers under ``src`` (``….transformer.layers.``) → ours under ``dst`` (``….layers.``):
+    same names below the layer number. ``linears``: sub-module → its linear layers (``attention``: ``query_key_value|dense``)."""
+    rules = [rename(src + "{i}.{ln:" + layernorms + "}.{wb}", dst + "{i}.{ln}.{wb}")]
+    rules += [rename(src + "{i}." + module + ".{lin:" + names + "}.{wb}", dst + "{i}." + module + ".{lin}.{wb}")
+              for module, names in linears.items()]
+    return rules
+
+
 def image_encoder_rules(prefix: str) -> list:
     """EVA ViT-g, Q-Former and glm_proj under ``prefix`` (SAT ``mixins.eva.model.``, HF ``image_encoder.``)."""
     vit, qf = prefix + "vit.", prefix + "qformer."
+    attention, mlp = {"attention": "query_key_value|dense"}, {"mlp": "dense_h_to_4h|dense_4h_to_h"}
     return [
         rename(vit + "mixins.patch_embedding.proj.{wb}", "vision_model.embeddings.patch_embedding.{wb}"),
         # SAT's ViT is a BaseModel with a one-row vocabulary: its "word embedding" is the CLS token
         rename(vit + "transformer.word_embeddings.weight", "vision_model.embeddings.cls_embedding"),
         rename(vit + "transformer.position_embeddings.weight", "vision_model.embeddings.position_embedding"),
-        rename(vit + "transformer.layers.{i}.{ln:input_layernorm|post_attention_layernorm}.{wb}",
-               "vision_model.layers.{i}.{ln}.{wb}"),
-        rename(vit + "transformer.layers.{i}.attention.{lin:query_key_value|dense}.{wb}",
-               "vision_model.layers.{i}.attention.{lin}.{wb}"),
-        rename(vit + "transformer.layers.{i}.mlp.{fc:dense_h_to_4h|dense_4h_to_h}.{wb}",
-               "vision_model.layers.{i}.mlp.{fc}.{wb}"),
+        *_sat_layer_rules(vit + "transformer.layers.", "vision_model.layers.",
+                          "input_layernorm|post_attention_layernorm", {**attention, **mlp}),
         # BLIP-2's ln_vision, attached to SAT's ViT as the "cls" mixin (LNFinalyMixin in model/blip2.py)
         rename(vit + "mixins.cls.ln_vision.{wb}", "vision_model.post_layernorm.{wb}"),
         # the Q-Former's 32-row vocabulary looked up with ids 0..31 = the learned query tokens
         rename(qf + "transformer.word_embeddings.weight", "qformer.query_tokens"),
-        rename(qf + "transformer.layers.{i}.{ln:input_layernorm|post_attention_layernorm|post_cross_attention_layernorm}.{wb}",
-               "qformer.layers.{i}.{ln}.{wb}"),
-        rename(qf + "transformer.layers.{i}.attention.{lin:query_key_value|dense}.{wb}",
-               "qformer.layers.{i}.attention.{lin}.{wb}"),
-        rename(qf + "transformer.layers.{i}.cross_attention.{lin:query|key_value|dense}.{wb}",
-               "qformer.layers.{i}.cross_attention.{lin}.{wb}"),
-        rename(qf + "transformer.layers.{i}.mlp.{fc:dense_h_to_4h|dense_4h_to_h}.{wb}",
-               "qformer.layers.{i}.mlp.{fc}.{wb}"),
+        *_sat_layer_rules(qf + "transformer.layers.", "qformer.layers.",
+                          "input_layernorm|post_attention_layernorm|post_cross_attention_layernorm",
+                          {**attention, "cross_attention": "query|key_value|dense", **mlp}),
         rename(qf + "transformer.final_layernorm.{wb}", "qformer.final_layernorm.{wb}"),
         rename(prefix + "glm_proj.{wb}", "glm_proj.{wb}"),
     ]
@@ -192,6 +192,23 @@ TOKEN_DEFAULTS = {"bos_token_id": 130004, "eos_token_id": 130005, "pad_token_id"
                   "gmask_token_id": 130001}
 
 
+def _token_ids(g: Fields, tokenizer, vocab: int | None) -> dict:
+    """The special-token ids: the config's, checked against the tokenizer's (else the tokenizer's, else THUDM's)."""
+    ids = {}
+    for key, attr in TOKEN_KEYS.items():
+        from_cfg = g.int(key, required=False, min=0, max=MAX_VOCAB)
+        from_tok = getattr(tokenizer, attr) if tokenizer is not None else None
+        if from_cfg is not None and from_tok is not None and from_cfg != from_tok:
+            g.problems.append(f"{g.where}: {key}={from_cfg} but the tokenizer's id is {from_tok} (wrong tokenizer?)")
+        if from_cfg is not None and vocab is not None and from_cfg >= vocab:
+            g.problems.append(f"{g.where}: {key} {from_cfg} is outside the {vocab}-row vocabulary")
+        ids[key] = from_cfg if from_cfg is not None else from_tok if from_tok is not None else TOKEN_DEFAULTS[key]
+    if tokenizer is not None and vocab and tokenizer.sp_model.GetPieceSize() > vocab:
+        g.problems.append(f"the tokenizer has {tokenizer.sp_model.GetPieceSize()} pieces but the model only "
+                          f"{vocab} embedding rows (wrong tokenizer?)")
+    return ids
+
+
 def visualglm_config(glm: dict, *, eva_key: str, qformer_key: str, where: str, tokenizer, rope_fp16_inv_freq: bool):
     """``VisualGLMConfig`` from SAT-style arguments (SAT ``model_config.json`` with ``eva_args`` /
     ``qformer_args``, or THUDM's ``config.json`` with ``eva_config`` / ``qformer_config``).
@@ -224,18 +241,7 @@ def visualglm_config(glm: dict, *, eva_key: str, qformer_key: str, where: str, t
         layer_norm_eps=g.number("layernorm_epsilon", default=1e-5, max=1.0),
         rope_fp16_inv_freq=rope_fp16_inv_freq,
     )
-    for key, attr in TOKEN_KEYS.items():
-        from_cfg = g.int(key, required=False, min=0, max=MAX_VOCAB)
-        from_tok = getattr(tokenizer, attr) if tokenizer is not None else None
-        if from_cfg is not None and from_tok is not None and from_cfg != from_tok:
-            problems.append(f"{where}: {key}={from_cfg} but the tokenizer's id is {from_tok} (wrong tokenizer?)")
-        value = from_cfg if from_cfg is not None else from_tok if from_tok is not None else TOKEN_DEFAULTS[key]
-        if from_cfg is not None and vocab is not None and from_cfg >= vocab:
-            problems.append(f"{where}: {key} {from_cfg} is outside the {vocab}-row vocabulary")
-        text[key] = value
-    if tokenizer is not None and vocab and tokenizer.sp_model.GetPieceSize() > vocab:
-        problems.append(f"the tokenizer has {tokenizer.sp_model.GetPieceSize()} pieces but the model only "
-                        f"{vocab} embedding rows (wrong tokenizer?)")
+    text.update(_token_ids(g, tokenizer, vocab))
     vision = _vision_config(g.section(eva_key))
     qf_fields = g.section(qformer_key)
     qf = _qformer_config(qf_fields)
@@ -258,22 +264,10 @@ def visualglm_config(glm: dict, *, eva_key: str, qformer_key: str, where: str, t
 
 # --- tokenizer -------------------------------------------------------------------------------------------
 
-def find_tokenizer_file(explicit: str | None, fallback_dirs: list[Path]) -> Path | None:
-    """``--tokenizer`` (``ice_text.model`` or a folder holding it) or the first fallback folder that has one."""
-    if explicit is not None:
-        path = Path(explicit)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
-        if not path.is_file():
-            raise ConversionError(f"--tokenizer {explicit}: no {TOKENIZER_FILE} there")
-        return path
-    for d in fallback_dirs:
-        if (d / TOKENIZER_FILE).is_file():
-            return d / TOKENIZER_FILE
-    return None
-
-
-def load_tokenizer(vocab_file: Path | None):
+def load_tokenizer(explicit: str | None, src: Path):
+    """ChatGLM's ice_text tokenizer from ``--tokenizer`` (the file or a folder holding it), else the source folder's;
+    None when neither has one."""
+    vocab_file = find_tokenizer(explicit, [src], (TOKENIZER_FILE,))
     if vocab_file is None:
         return None
     from modeling_visualglm.tokenization_chatglm import ChatGLMTokenizer
@@ -313,43 +307,37 @@ class SatVisualGLM(Format):
     required_flags = ("src",)
     optional_flags = {"qkv_layout": "blocked"}
 
+    def rule_table(self, config, qkv_layout: str = "blocked") -> list:
+        return sat_rules(qkv_layout, config.text_config.num_attention_heads)
+
     def load(self, args) -> Loaded:
-        src = existing_dir(args.src, "--src")
-        tag = read_latest(src)
-        where = f"{src}/model_config.json"
-        args_json = read_json_object(src / "model_config.json")
-        problems: list[str] = []
-        top = Fields(args_json, where, problems)
-        mp = top.int("model_parallel_size", default=1)
-        model_class = top.str("model_class", default="VisualGLMModel")
-        raise_if(problems, f"cannot read {where}")
-        if mp != 1:
-            raise ConversionError(f"{src}: model_parallel_size={mp}; merge the model-parallel ranks first "
-                                  "(only mp_rank_00 checkpoints are supported)")
-        if "VisualGLM" not in model_class:
-            raise ConversionError(f"{where}: model_class {model_class!r} is not a VisualGLM model")
-        if "eva_args" not in args_json or "qformer_args" not in args_json:
-            raise ConversionError(f"{where} has no eva_args/qformer_args: not VisualGLM")
-        ckpt = src / tag / "mp_rank_00_model_states.pt"
-        tokenizer = load_tokenizer(find_tokenizer_file(args.tokenizer, [src]))
-        config = visualglm_config(args_json, eva_key="eva_args", qformer_key="qformer_args", where=where,
+        sat = open_sat_folder(existing_dir(args.src, "--src"), family="VisualGLM",
+                              merge_hint="only mp_rank_00 checkpoints are supported")
+        if "eva_args" not in sat.args or "qformer_args" not in sat.args:
+            raise ConversionError(f"{sat.where} has no eva_args/qformer_args: not VisualGLM")
+        tokenizer = load_tokenizer(args.tokenizer, sat.folder)
+        config = visualglm_config(sat.args, eva_key="eva_args", qformer_key="qformer_args", where=sat.where,
                                   tokenizer=tokenizer, rope_fp16_inv_freq=False)
-        source = torch_file_source(ckpt, subkey="module")
-        adapters = sorted({k.split(".matrix_")[0] for k in source.keys() if ".matrix_A." in k or ".matrix_B." in k})
-        if adapters or any(k.startswith("mixins.ptuning.") for k in source.keys()):
-            raise ConversionError(
-                f"{ckpt} is a fine-tuning checkpoint with unmerged "
-                + (f"LoRA adapters ({len(adapters)} layers, e.g. {adapters[0]})" if adapters else "P-tuning prefixes")
-                + ": merge them into the base weights first (SAT: model.get_mixin('lora').merge_lora(), then "
-                "save_checkpoint); P-tuning prefixes cannot be merged and are not supported")
-        rules = sat_rules(args.qkv_layout, config.text_config.num_attention_heads)
+        source = torch_file_source(sat.checkpoint, subkey="module")
+        _refuse_fine_tuning_leftovers(source, sat.checkpoint)
         notes = [
-            f"SAT checkpoint {ckpt} (iteration {tag}, model_class {model_class})",
+            sat.describe(),
             f"ChatGLM qkv read as {args.qkv_layout}"
             + (" and interleaved per head" if args.qkv_layout == "blocked" else " (renamed only)"),
             "rotary inv_freq exact in fp32 (rope_fp16_inv_freq=False), as SwissArmyTransformer 0.4.12 computes it",
         ]
-        return _loaded(source, rules, config, tokenizer, notes)
+        return _loaded(source, self.rule_table(config, args.qkv_layout), config, tokenizer, notes)
+
+
+def _refuse_fine_tuning_leftovers(source, ckpt: Path):
+    adapters = sorted({k.split(".matrix_")[0] for k in source.keys() if ".matrix_A." in k or ".matrix_B." in k})
+    if adapters or any(k.startswith("mixins.ptuning.") for k in source.keys()):
+        source.close()
+        raise ConversionError(
+            f"{ckpt} is a fine-tuning checkpoint with unmerged "
+            + (f"LoRA adapters ({len(adapters)} layers, e.g. {adapters[0]})" if adapters else "P-tuning prefixes")
+            + ": merge them into the base weights first (SAT: model.get_mixin('lora').merge_lora(), then "
+            "save_checkpoint); P-tuning prefixes cannot be merged and are not supported")
 
 
 class HfVisualGLM(Format):
@@ -357,12 +345,15 @@ class HfVisualGLM(Format):
     help = "THUDM/visualglm-6b Hugging Face folder (config.json, pytorch_model-*.bin + index, ice_text.model)"
     required_flags = ("src",)
 
+    def rule_table(self, config) -> list:
+        return hf_rules(config.text_config.num_attention_heads)
+
     def load(self, args) -> Loaded:
         src = existing_dir(args.src, "--src")
         cfg = read_json_object(src / "config.json")
         if "eva_config" not in cfg or "qformer_config" not in cfg:
             raise ConversionError(f"{src}/config.json has no eva_config/qformer_config: not a visualglm-6b folder")
-        tokenizer = load_tokenizer(find_tokenizer_file(args.tokenizer, [src]))
+        tokenizer = load_tokenizer(args.tokenizer, src)
         config = visualglm_config(cfg, eva_key="eva_config", qformer_key="qformer_config", where=f"{src}/config.json",
                                   tokenizer=tokenizer, rope_fp16_inv_freq=True)
         source = sharded_torch_source(src, "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -371,4 +362,38 @@ class HfVisualGLM(Format):
             "ChatGLM qkv is head-interleaved already (renamed only)",
             "rotary inv_freq rounded to fp16 (rope_fp16_inv_freq=True), as THUDM's modeling_chatglm.py does",
         ]
-        return _loaded(source, hf_rules(config.text_config.num_attention_heads), config, tokenizer, notes)
+        return _loaded(source, self.rule_table(config), config, tokenizer, notes)
+
+
+# --- the reverse direction: a VisualGLM config → SAT's model_config.json --------------------------------------
+
+def sat_model_config(config) -> dict:
+    """The ``model_config.json`` SwissArmyTransformer writes for a VisualGLM model of ``config`` (the fields
+    :func:`visualglm_config` reads back), for writing checkpoints in the SAT layout (the demo, tests); the weights
+    go through ``conversion.apply.to_original(state_dict, "sat-visualglm", config)``."""
+    v, q, t = config.vision_config, config.qformer_config, config.text_config
+    return {
+        "model_class": "VisualGLMModel", "tokenizer_type": "THUDM/chatglm-6b",
+        "num_layers": t.num_hidden_layers, "hidden_size": t.hidden_size, "num_attention_heads": t.num_attention_heads,
+        "vocab_size": t.vocab_size, "layernorm_order": "post", "model_parallel_size": 1,
+        "max_sequence_length": t.max_position_embeddings, "inner_hidden_size": t.intermediate_size,
+        "layernorm_epsilon": t.layer_norm_eps, "image_length": q.num_query_tokens,
+        "bos_token_id": t.bos_token_id, "mask_token_id": t.mask_token_id, "gmask_token_id": t.gmask_token_id,
+        "pad_token_id": t.pad_token_id,
+        "eva_args": {
+            "num_layers": v.num_hidden_layers, "hidden_size": v.hidden_size,
+            "num_attention_heads": v.num_attention_heads, "vocab_size": 1, "layernorm_order": "pre",
+            "model_parallel_size": 1, "max_sequence_length": v.num_patches + 1,
+            "inner_hidden_size": v.intermediate_size, "use_final_layernorm": False,
+            "layernorm_epsilon": v.layer_norm_eps, "image_size": [v.image_size, v.image_size], "pre_len": 1,
+            "post_len": 0, "in_channels": v.num_channels, "num_classes": 0, "patch_size": v.patch_size,
+        },
+        "qformer_args": {
+            "num_layers": q.num_hidden_layers, "hidden_size": q.hidden_size,
+            "num_attention_heads": q.num_attention_heads, "vocab_size": q.num_query_tokens,
+            "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": 0,
+            "is_decoder": [i % q.cross_attention_frequency == 0 for i in range(q.num_hidden_layers)],
+            "cross_attn_hidden_size": v.hidden_size, "layernorm_epsilon": q.layer_norm_eps,
+            "inner_hidden_size": q.intermediate_size,
+        },
+    }
