@@ -13,9 +13,10 @@ from typing import Callable
 
 PACKAGE = "modeling_visualglm"
 
-# generation_config.json is neutral (CONTRACTS §2): a plain generate() or pipeline() decodes greedily and stops at
-# EOS or after this many new tokens, without warnings. The originals' chat sampling defaults live in the model code
-# (each family's CHAT_DEFAULTS, read through `chat_defaults_for`), used by chat/stream_chat and the CLIs.
+# generation_config.json is neutral: a plain generate() or pipeline() decodes greedily and stops at EOS or after this
+# many new tokens, without warnings. The originals' chat defaults are written once per family in the model code
+# (CHAT_DEFAULTS of its configuration module, read through the model class's `chat_defaults_for(config)`): chat,
+# stream_chat, the CLIs and the model card (card.py) all read them there, never a copy here.
 NEUTRAL_GENERATION = dict(max_new_tokens=256)
 
 

@@ -1,4 +1,4 @@
-"""Attention shared by every block: the eager reference kernel and rotary-embedding helpers.
+"""Attention shared by every block: the eager reference kernel, rotary-embedding helpers, and the decoder loop.
 
 All attention layers call ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
 eager_attention_forward)`` so SDPA (default), flash and flex kernels plug in without code changes; the
@@ -69,3 +69,17 @@ def rotary_inv_freq(dim: int, base: float = 10000.0, fp16_round: bool = False) -
     if fp16_round:
         inv_freq = inv_freq.half().float()
     return inv_freq
+
+
+def run_decoder_layers(layers, final_norm, hidden_states: torch.Tensor, output_hidden_states: bool, **layer_kwargs):
+    """``final_norm`` after ``layers`` (each called as ``layer(hidden_states, **layer_kwargs)``) → (B, T, H) and,
+    with ``output_hidden_states``, transformers' ``hidden_states`` tuple (each layer's input, then the output)."""
+    all_hidden_states = () if output_hidden_states else None
+    for layer in layers:
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        hidden_states = layer(hidden_states, **layer_kwargs)
+    hidden_states = final_norm(hidden_states)
+    if output_hidden_states:
+        all_hidden_states += (hidden_states,)
+    return hidden_states, all_hidden_states

@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq
+from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq, run_decoder_layers
 from .compat import ALL_ATTENTION_FUNCTIONS, cache_kwargs, cache_update_kwargs, init, kv_length, pick_cache
 from .configuration_blocks import ChatGLMConfig
 
@@ -376,60 +376,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             inputs_embeds = self.word_embeddings(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        batch_size, seq_len = inputs_embeds.shape[:2]
-
-        if position_ids is None:
-            # one host sync, acceptable at prefill; decode steps always pass position_ids
-            if cache is not None and cache.get_seq_length() != 0:
-                raise ValueError(
-                    "position_ids are required for decode steps (the cache is not empty): compute them with "
-                    "chatglm_position_ids(full_input_ids, attention_mask, config) on prompt + generated ids and "
-                    "keep the last columns (generate() does this)"
-                )
-            if input_ids is None:
-                raise ValueError("position_ids are required with inputs_embeds unless input_ids are also given")
-            pad_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-            check_chatglm_prompt(input_ids, pad_mask, self.config)
-            position_ids = chatglm_position_ids(input_ids, pad_mask, self.config)
-        elif position_ids.ndim != 3 or position_ids.shape[1] != 2:
-            raise ValueError(
-                f"ChatGLM position_ids are 2D per token, shaped (B, 2, T) (position, block position); got "
-                f"{tuple(position_ids.shape)}"
-            )
-
-        if attention_mask is not None and attention_mask.ndim == 4:
-            mask = attention_mask
-        else:
-            past_length = cache.get_seq_length() if cache is not None else 0
-            kv_len = kv_length(cache, seq_len) if cache is not None else seq_len
-            if (
-                attention_mask is None
-                and seq_len == 1
-                and isinstance(past_length, int)
-                and kv_len == past_length + 1
-            ):
-                mask = None  # a single new token sees every cached key
-            else:
-                mask = chatglm_prefix_lm_mask(position_ids, attention_mask, past_length, kv_len)
+        position_ids = self._position_ids(position_ids, input_ids, attention_mask, cache)
+        mask = self._attention_mask(attention_mask, position_ids, cache, inputs_embeds.shape[1])
 
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
-        cache_update = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=mask,
-                cache=cache,
-                cache_update=cache_update,
-                **kwargs,
-            )
-        hidden_states = self.final_layernorm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        cache_update = cache_update_kwargs(cache, inputs_embeds.shape[1], inputs_embeds.device)
+        hidden_states, all_hidden_states = run_decoder_layers(
+            self.layers, self.final_layernorm, inputs_embeds, output_hidden_states,
+            position_embeddings=position_embeddings, attention_mask=mask, cache=cache, cache_update=cache_update,
+            **kwargs,
+        )
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -437,3 +393,38 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             **cache_kwargs(cache),
         )
         return output if return_dict else output.to_tuple()
+
+    def _position_ids(self, position_ids, input_ids, attention_mask, cache) -> torch.LongTensor:
+        """The given (B, 2, T) positions, checked; or, at prefill, derived from ``input_ids`` after checking that
+        every row has ``<sop>`` and a mask token (one host sync)."""
+        if position_ids is not None:
+            if position_ids.ndim != 3 or position_ids.shape[1] != 2:
+                raise ValueError(
+                    f"ChatGLM position_ids are 2D per token, shaped (B, 2, T) (position, block position); got "
+                    f"{tuple(position_ids.shape)}"
+                )
+            return position_ids
+        # one host sync, acceptable at prefill; decode steps always pass position_ids
+        if cache is not None and cache.get_seq_length() != 0:
+            raise ValueError(
+                "position_ids are required for decode steps (the cache is not empty): compute them with "
+                "chatglm_position_ids(full_input_ids, attention_mask, config) on prompt + generated ids and "
+                "keep the last columns (generate() does this)"
+            )
+        if input_ids is None:
+            raise ValueError("position_ids are required with inputs_embeds unless input_ids are also given")
+        pad_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        check_chatglm_prompt(input_ids, pad_mask, self.config)
+        return chatglm_position_ids(input_ids, pad_mask, self.config)
+
+    @staticmethod
+    def _attention_mask(attention_mask, position_ids, cache, seq_len: int):
+        """The prefix-LM mask (B, 1, T, Tk) from the 2D padding mask and the block positions; a ready 4D mask
+        as given; None when a single new token sees every cached key."""
+        if attention_mask is not None and attention_mask.ndim == 4:
+            return attention_mask
+        past_length = cache.get_seq_length() if cache is not None else 0
+        kv_len = kv_length(cache, seq_len) if cache is not None else seq_len
+        if attention_mask is None and seq_len == 1 and isinstance(past_length, int) and kv_len == past_length + 1:
+            return None
+        return chatglm_prefix_lm_mask(position_ids, attention_mask, past_length, kv_len)

@@ -3,8 +3,9 @@ with visual experts.
 
 ``version="cogvlm"`` is CogVLM-17B (Vicuna-7B-v1.5 language model, 224 or 490 px, no downsample);
 ``version="cogvlm2"`` is CogVLM2-19B (Llama-3-8B-Instruct, 1344 px, 2x2 stride-2 conv before the adapter).
-Defaults are the real sizes of THUDM's ``cogvlm-chat-hf`` / ``cogvlm2-llama3-chat-19B`` (see
-``../shared/specs/cogvlm.md`` §1). No torch import here.
+Defaults are the real sizes of THUDM's HF checkpoints ``cogvlm-chat-hf`` and ``cogvlm2-llama3-chat-19B`` (their
+``config.json``; the CogVLM1 tower is EVA2-CLIP-E as in THUDM/CogVLM @f7283b2 ``utils/models/eva_clip_model.py``).
+No torch import here.
 """
 
 from transformers import PretrainedConfig

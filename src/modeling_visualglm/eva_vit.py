@@ -164,20 +164,12 @@ class EvaVisionPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
 
-    @torch.no_grad()
     def _init_weights(self, module):
-        std = self.config.initializer_range
+        super()._init_weights(module)  # Linear / Conv2d: normal(initializer_range), zero bias; LayerNorm: 1, 0
         if isinstance(module, EvaVisionEmbeddings):
-            # Conv2d is reached on its own by the recursion; only the bare parameters need care here.
-            init.normal_(module.cls_embedding, mean=0.0, std=std)
-            init.normal_(module.position_embedding, mean=0.0, std=std)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+            # the bare parameters (the patch Conv2d is reached on its own by the recursion)
+            init.normal_(module.cls_embedding, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.position_embedding, mean=0.0, std=self.config.initializer_range)
 
 
 class EvaVisionModel(EvaVisionPreTrainedModel):

@@ -15,10 +15,11 @@ Parameter names follow THUDM's HF CogVLM checkpoints (``cogvlm-chat-hf``, ``cogv
 each block; [Q | K | V] = [nh*hd | nkv*hd | nkv*hd]), ``layers.{i}.self_attn.{language,vision}_expert_dense``,
 ``layers.{i}.post_attention_layernorm``, ``layers.{i}.mlp.{language,vision}_mlp.{gate,up,down}_proj``, ``norm``.
 
-Routing: ``vision_expert_mask`` (B, T) says which tokens use the vision expert. Without it every token takes
-the language path (no indexing, no host sync: decode steps and text-only prompts). With it, the tokens are
-sorted once per forward into a language part and a vision part (one host sync, to learn the split size), each
-expert runs only on its own rows, and one gather restores the order; all layers reuse that permutation.
+Routing: ``vision_expert_mask`` (B, T) says which tokens use the vision expert (``routing`` passes the split
+``expert_routing`` already made from such a mask). Without either, every token takes the language path (no
+indexing, no host sync: decode steps and text-only prompts). With it, the tokens are sorted once per forward into
+a language part and a vision part (one host sync, to learn the split size), each expert runs only on its own
+rows, and one gather restores the order; all layers reuse that permutation.
 
 Deliberate differences from the originals:
 - RoPE angles are computed in fp32 from fp32 positions (as transformers' LLaMA). The originals build them in
@@ -43,7 +44,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq
+from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq, run_decoder_layers
 from .compat import ALL_ATTENTION_FUNCTIONS, cache_kwargs, cache_update_kwargs, causal_mask, init, pick_cache
 from .configuration_blocks import LlamaExpertConfig
 
@@ -336,7 +337,8 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         position_ids: Optional[torch.LongTensor] = None,
         cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
-        vision_expert_mask: Optional[torch.Tensor | ExpertRouting] = None,
+        vision_expert_mask: Optional[torch.Tensor] = None,
+        routing: Optional[ExpertRouting] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
@@ -349,8 +351,9 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         position_ids (B, T): default ``cumsum(attention_mask) - 1`` (so left padding needs nothing more), or
             ``past + arange(T)`` without a mask. CogVLM passes its own (the image block takes 3 positions).
         vision_expert_mask (B, T) bool: True where the vision expert runs; None = language expert everywhere
-            (no host sync). Needs ``config.use_visual_experts``. An ``ExpertRouting`` built by ``expert_routing``
-            for these (B, T) tokens is accepted too.
+            (no host sync). Needs ``config.use_visual_experts``.
+        routing: the same split already made by ``expert_routing(vision_expert_mask)`` for these (B, T) tokens
+            (CogVLM builds it together with its input checks, saving the host sync); give one of the two.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -367,58 +370,19 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        routing = self._routing(vision_expert_mask, routing, batch_size, seq_len)
+        position_ids = llama_position_ids(position_ids, attention_mask, cache, inputs_embeds)
 
-        if vision_expert_mask is not None and not self.config.use_visual_experts:
-            raise ValueError("vision_expert_mask was given but this model has no visual experts")
-        if isinstance(vision_expert_mask, ExpertRouting):
-            if vision_expert_mask.order.numel() != batch_size * seq_len:
-                raise ValueError(
-                    f"the ExpertRouting covers {vision_expert_mask.order.numel()} tokens, not {batch_size * seq_len}"
-                )
-            routing = vision_expert_mask
-        else:
-            if vision_expert_mask is not None and vision_expert_mask.shape != (batch_size, seq_len):
-                raise ValueError(
-                    f"vision_expert_mask must be (batch, seq_len) = {(batch_size, seq_len)}, got "
-                    f"{tuple(vision_expert_mask.shape)}"
-                )
-            routing = expert_routing(vision_expert_mask)
-
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
-            else:
-                past_length = cache.get_seq_length() if cache is not None else 0
-                position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None] + past_length
-                position_ids = position_ids.expand(batch_size, -1)
-        elif position_ids.ndim != 2:
-            raise ValueError(f"position_ids must be (batch, seq_len), got {tuple(position_ids.shape)}")
-
-        # position_ids are deliberately not passed: transformers would read CogVLM's repeated image
-        # positions as packed sequences. With a padding mask, transformers' "is it all ones? then use
-        # is_causal" shortcut reads the mask on the host at every step; the mask is materialized instead
-        # (generate drops all-ones masks, so unpadded batches still get SDPA's is_causal path).
+        # With a padding mask, transformers' "all ones? then is_causal" shortcut reads the mask on the host at every
+        # step: it is materialized instead (generate drops all-ones masks, so those still get SDPA's is_causal).
         mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, allow_is_causal_skip=attention_mask is None)
         cache_update = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
 
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=mask,
-                cache=cache,
-                routing=routing,
-                cache_update=cache_update,
-                **kwargs,
-            )
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        hidden_states, all_hidden_states = run_decoder_layers(
+            self.layers, self.norm, inputs_embeds, output_hidden_states, position_embeddings=position_embeddings,
+            attention_mask=mask, cache=cache, routing=routing, cache_update=cache_update, **kwargs,
+        )
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -426,6 +390,40 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
             **cache_kwargs(cache if use_cache else None),
         )
         return output if return_dict else output.to_tuple()
+
+    def _routing(self, vision_expert_mask, routing, batch_size: int, seq_len: int) -> Optional[ExpertRouting]:
+        """The expert split of this forward's (B, T) tokens, from the mask or as given; None: language only."""
+        if vision_expert_mask is None and routing is None:
+            return None
+        given = "vision_expert_mask" if vision_expert_mask is not None else "routing"
+        if not self.config.use_visual_experts:
+            raise ValueError(f"{given} was given but this model has no visual experts")
+        if vision_expert_mask is not None and routing is not None:
+            raise ValueError("pass vision_expert_mask or routing, not both")
+        if routing is not None:
+            if routing.order.numel() != batch_size * seq_len:
+                raise ValueError(f"the routing covers {routing.order.numel()} tokens, not {batch_size * seq_len}")
+            return routing
+        if vision_expert_mask.shape != (batch_size, seq_len):
+            raise ValueError(
+                f"vision_expert_mask must be (batch, seq_len) = {(batch_size, seq_len)}, got "
+                f"{tuple(vision_expert_mask.shape)}"
+            )
+        return expert_routing(vision_expert_mask)
+
+
+def llama_position_ids(position_ids, attention_mask, cache, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+    """The given (B, T) positions, checked; else ``cumsum(mask) - 1`` with a 2D padding mask (left padding gets 0),
+    else ``past + arange(T)``."""
+    if position_ids is not None:
+        if position_ids.ndim != 2:
+            raise ValueError(f"position_ids must be (batch, seq_len), got {tuple(position_ids.shape)}")
+        return position_ids
+    batch_size, seq_len = inputs_embeds.shape[:2]
+    if attention_mask is not None and attention_mask.ndim == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+    past_length = cache.get_seq_length() if cache is not None else 0
+    return (torch.arange(seq_len, device=inputs_embeds.device)[None] + past_length).expand(batch_size, -1)
 
 
 __all__ = ["LlamaExpertPreTrainedModel", "LlamaExpertModel", "ExpertRouting", "expert_routing"]

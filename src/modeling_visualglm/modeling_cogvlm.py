@@ -35,32 +35,27 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 
-from .chat_utils import check_history, prepare_chat, stream_generate
-from .compat import cache_kwargs, generation_cache, init, output_cache, pick_cache
+from .compat import generation_cache, init, pick_cache
 from .configuration_cogvlm import CHAT_DEFAULTS, CogVLMConfig
-from .multimodal import (
-    MultimodalCausalLMOutputWithPast,
-    MultimodalPreTrainedModel,
-    drop_images_after_prefill,
-    placeholder_count_error,
-)
 from .eva_vit import EvaVisionModel
 from .image_processing_cogvlm import CogVLMImageProcessor
 from .llama import LlamaExpertModel, expert_routing
-from .processing_cogvlm import (
-    VISION_TOKEN_TYPE,
-    build_cogvlm_inputs,
-    build_cogvlm_prompt,
-    process_response,
+from .multimodal import (
+    MultimodalCausalLMOutputWithPast,
+    MultimodalForConditionalGeneration,
+    MultimodalPreTrainedModel,
+    placeholder_count_error,
 )
+from .processing_cogvlm import VISION_TOKEN_TYPE, build_cogvlm_inputs, build_cogvlm_prompt, process_response
 # transformers 4.57.x copies out of a local folder only the files that the loaded file itself imports (5.x follows
 # imports recursively): these lines name the rest of the import closure (delete with the 4.57 floor)
 from .attention import eager_attention_forward  # noqa: F401
+from .chat_utils import check_history  # noqa: F401
 from .configuration_blocks import LlamaExpertConfig  # noqa: F401
 from .image_processing_visualglm import VisualGLMImageProcessor  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------
-# Token types, expert mask and positions from the placeholders (tensor ops only, no host sync)
+# Token types, expert mask, positions and input checks from the placeholders
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -92,12 +87,59 @@ def cogvlm_position_ids(image_mask: torch.Tensor, attention_mask: Optional[torch
     return (advance.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prefill_position_ids(image_mask: torch.Tensor, attention_mask, is_prefill: bool) -> torch.LongTensor:
+    """``cogvlm_position_ids`` of a prompt; once the cache holds tokens the caller must continue them instead."""
+    if not is_prefill:
+        raise ValueError(
+            "position_ids are required once the cache holds tokens: continue the prompt's positions "
+            "(cogvlm_position_ids(prompt_ids == config.image_token_id, attention_mask)[:, -1:] + 1 for "
+            "the first new token; generate() does this)"
+        )
+    return cogvlm_position_ids(image_mask, attention_mask)
+
+
 def _bad_image_runs(image_mask: torch.Tensor, run_length: int) -> torch.Tensor:
     """Number of placeholder runs whose length is not ``run_length`` (0-d tensor)."""
     boi, eoi = _image_run_edges(image_mask)
     idx = torch.arange(image_mask.shape[1], device=image_mask.device).expand_as(image_mask)
     start = torch.where(boi, idx, torch.full_like(idx, -1)).cummax(-1).values  # index of the run's boi
     return (eoi & (idx - start + 1 != run_length)).sum()
+
+
+def check_cogvlm_inputs(image_mask, num_images: int, token_type_ids, attention_mask, config: CogVLMConfig) -> int:
+    """Placeholders vs images, run lengths and ``token_type_ids`` in one host sync; returns the number of tokens
+    routed to the vision expert."""
+    n_img, image_token_id = config.num_image_tokens, config.image_token_id
+    t = image_mask.shape[1]
+    real = torch.ones_like(image_mask) if attention_mask is None else attention_mask[:, -t:].bool()
+    if token_type_ids is not None:
+        if token_type_ids.shape != image_mask.shape:
+            raise ValueError(
+                f"token_type_ids must match input_ids' shape {tuple(image_mask.shape)}, got "
+                f"{tuple(token_type_ids.shape)}"
+            )
+        disagree = (((token_type_ids == VISION_TOKEN_TYPE) != image_mask) & real).sum()
+    else:
+        disagree = image_mask.new_zeros((), dtype=torch.long)
+    stats = torch.stack([
+        image_mask.sum(), _bad_image_runs(image_mask, n_img), disagree, cogvlm_vision_expert_mask(image_mask).sum()
+    ]).tolist()  # the one sync of a prefill
+    n_placeholders, bad_runs, n_disagree, num_vision = stats
+    error = placeholder_count_error(n_placeholders, num_images, n_img, image_token_id,
+                                    per_image=f": boi, {n_img - 2} patches, eoi")
+    if error:
+        raise ValueError(error)
+    if bad_runs:
+        raise ValueError(
+            f"{bad_runs} image placeholder run(s) are not exactly {n_img} long: each image must be one "
+            f"uninterrupted run of {n_img} placeholders (id {image_token_id})"
+        )
+    if n_disagree:
+        raise ValueError(
+            f"token_type_ids disagree with the image placeholders at {n_disagree} token(s): VISION (1) must "
+            f"mark exactly the placeholder runs (id {image_token_id}); omit token_type_ids to derive them"
+        )
+    return num_vision
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,24 +188,32 @@ class CogVLMPreTrainedModel(MultimodalPreTrainedModel):
     _no_split_modules = ["LlamaExpertDecoderLayer", "EvaVisionLayer", "CogVLMAdapter"]
     quantization_skip_modules = ["vision_model", "adapter", "lm_head"]
 
+    @property
+    def image_positions_saved(self) -> int:
+        return self.config.num_image_tokens - 3  # the image block takes 3 positions (boi, patches, eoi)
+
     def _init_weights(self, module):
-        # the sub-models initialise their own parameters; the adapter and lm_head live here
         super()._init_weights(module)
         if isinstance(module, CogVLMAdapter):
             init.normal_(module.boi, mean=0.0, std=self.config.initializer_range)
             init.normal_(module.eoi, mean=0.0, std=self.config.initializer_range)
 
 
-class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
+# GenerationMixin among the direct bases: transformers' remote-code loader looks for it there
+class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, MultimodalForConditionalGeneration, GenerationMixin):
     """CogVLM / CogVLM2 with a language-modeling head.
 
     forward: ``input_ids`` (B, T) with each image as one run of ``config.num_image_tokens`` ×
     ``config.image_token_id``; ``pixel_values`` (N_images, 3, S, S) for the images in order of appearance
-    → ``logits`` (B, T, V) float32.
+    → ``logits`` (B, T, V) float32. ``chat``: the demos' greedy defaults; ``template=`` base | chat | vqa | text.
     """
 
     _tied_weights_keys = {"lm_head.weight": "language_model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}
+    fp32_logits = True  # as the originals
+    image_processor_class = CogVLMImageProcessor
+    chat_defaults = CHAT_DEFAULTS
+    chat_prompt_options = ("template",)
+    _chat_response = staticmethod(process_response)
 
     def __init__(self, config: CogVLMConfig):
         super().__init__(config)
@@ -173,49 +223,11 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    # --- images -----------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """(N, 3, S, S) → (N, num_image_tokens, H_text): [boi, patches, eoi]."""
         patches = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (N, g², H_vit), no CLS
         return self.adapter(patches.to(self.adapter.linear_proj.weight.dtype))
 
-    def _check_prefill(self, image_mask, num_images, token_type_ids, attention_mask) -> int:
-        """Placeholders vs images, run lengths and ``token_type_ids`` in one host sync; returns the number of
-        tokens routed to the vision expert."""
-        n_img = self.config.num_image_tokens
-        t = image_mask.shape[1]
-        real = torch.ones_like(image_mask) if attention_mask is None else attention_mask[:, -t:].bool()
-        if token_type_ids is not None:
-            if token_type_ids.shape != image_mask.shape:
-                raise ValueError(
-                    f"token_type_ids must match input_ids' shape {tuple(image_mask.shape)}, got "
-                    f"{tuple(token_type_ids.shape)}"
-                )
-            disagree = (((token_type_ids == VISION_TOKEN_TYPE) != image_mask) & real).sum()
-        else:
-            disagree = image_mask.new_zeros((), dtype=torch.long)
-        stats = torch.stack([
-            image_mask.sum(), _bad_image_runs(image_mask, n_img), disagree, cogvlm_vision_expert_mask(image_mask).sum()
-        ]).tolist()  # the one sync of a prefill
-        n_placeholders, bad_runs, n_disagree, num_vision = stats
-        error = placeholder_count_error(n_placeholders, num_images, n_img, self.config.image_token_id,
-                                        per_image=f": boi, {n_img - 2} patches, eoi")
-        if error:
-            raise ValueError(error)
-        if bad_runs:
-            raise ValueError(
-                f"{bad_runs} image placeholder run(s) are not exactly {n_img} long: each image must be one "
-                f"uninterrupted run of {n_img} placeholders (id {self.config.image_token_id})"
-            )
-        if n_disagree:
-            raise ValueError(
-                f"token_type_ids disagree with the image placeholders at {n_disagree} token(s): VISION (1) must "
-                f"mark exactly the placeholder runs (id {self.config.image_token_id}); omit token_type_ids to "
-                "derive them"
-            )
-        return num_vision
-
-    # --- forward ----------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -238,73 +250,38 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         position_ids (B, T): derived from the placeholders on prefill (``cogvlm_position_ids``); required once the
             cache holds tokens (``generate`` passes them).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        self._check_input_kinds(input_ids, inputs_embeds, pixel_values)
         cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
-        # a static cache reports its length as a tensor: reading it would sync, so only an int 0 means prefill
-        seq = cache.get_seq_length() if cache is not None else 0
-        is_prefill = pixel_values is not None or (isinstance(seq, int) and seq == 0)
-        image_mask = None
-        image_features = None
-        routing = None
+        image_mask = image_features = routing = None
         if input_ids is not None:
             image_mask = input_ids == self.config.image_token_id  # (B, T)
+            # a static cache reports its length as a tensor: reading it would sync, so only an int 0 means prefill
+            seq = cache.get_seq_length() if cache is not None else 0
+            is_prefill = pixel_values is not None or (isinstance(seq, int) and seq == 0)
             num_vision = None
             if is_prefill:
                 self.check_prompt_length(input_ids.shape[1], pixel_values is not None)
             if is_prefill or token_type_ids is not None:
                 num_images = 0 if pixel_values is None else pixel_values.shape[0]
-                num_vision = self._check_prefill(image_mask, num_images, token_type_ids, attention_mask)
-            # the placeholder id lies outside the embedding table: never look it up
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-            if pixel_values is not None:
-                inputs_embeds, image_features = self._scatter_image_features(inputs_embeds, image_mask, pixel_values)
-                routing = expert_routing(cogvlm_vision_expert_mask(image_mask), num_vision=num_vision)
+                num_vision = check_cogvlm_inputs(image_mask, num_images, token_type_ids, attention_mask, self.config)
             if position_ids is None:
-                if not is_prefill:
-                    raise ValueError(
-                        "position_ids are required once the cache holds tokens: continue the prompt's positions "
-                        "(cogvlm_position_ids(prompt_ids == config.image_token_id, attention_mask)[:, -1:] + 1 for "
-                        "the first new token; generate() does this)"
-                    )
-                position_ids = cogvlm_position_ids(image_mask, attention_mask)
-        else:
+                position_ids = prefill_position_ids(image_mask, attention_mask, is_prefill)
+            inputs_embeds, image_features = self.embed_with_images(input_ids, image_mask, pixel_values)
             if pixel_values is not None:
-                raise ValueError("pixel_values need input_ids (their placeholders say where the images go)")
-            if token_type_ids is not None and bool((token_type_ids == VISION_TOKEN_TYPE).any()):
-                raise ValueError("token_type_ids mark VISION tokens, but inputs_embeds carry no image placeholders")
-
+                routing = expert_routing(cogvlm_vision_expert_mask(image_mask), num_vision=num_vision)
+        elif token_type_ids is not None and bool((token_type_ids == VISION_TOKEN_TYPE).any()):
+            raise ValueError("token_type_ids mark VISION tokens, but inputs_embeds carry no image placeholders")
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            vision_expert_mask=routing,
+            routing=routing,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :]).float()  # fp32 logits, as the original
-
-        loss = None
-        if labels is not None:
-            if image_mask is not None:
-                labels = labels.masked_fill(image_mask, -100)  # image positions are never supervised
-            shift_logits = logits[:, :-1, :]
-            shift_labels = labels[:, 1:].to(shift_logits.device)
-            loss = nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
-            )
-
-        return CogVLMCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            **cache_kwargs(output_cache(outputs)),
-            hidden_states=outputs.hidden_states,
-            image_hidden_states=image_features,
-        )
+        return self.lm_output(outputs, labels, image_mask, image_features, logits_to_keep)
 
     # --- generation hooks -------------------------------------------------------------------------
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
@@ -313,94 +290,34 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, GenerationMixin):
         input_ids = model_kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[1] == 0:
             input_ids = inputs_tensor
-        cache = generation_cache(model_kwargs)
-        mask = model_kwargs.get("attention_mask")
-        if (
-            input_ids is None
-            or input_ids.is_floating_point()
-            or (cache is not None and cache.get_seq_length() != 0)
-            or (mask is not None and mask.shape[-1] != input_ids.shape[1])
-        ):
+        cache, mask = generation_cache(model_kwargs), model_kwargs.get("attention_mask")
+        if (input_ids is None or input_ids.is_floating_point() or (cache is not None and cache.get_seq_length() != 0)
+                or (mask is not None and mask.shape[-1] != input_ids.shape[1])):
             return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
         return cogvlm_position_ids(input_ids == self.config.image_token_id, mask)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # generate() would extend token_type_ids by repeating the last one (VISION after an eoi-final prompt):
-        # they are only checked at prefill and derived from the placeholders everywhere else
+        # generate() extends token_type_ids by repeating the last one: they are checked at prefill, derived elsewhere
         token_type_ids = kwargs.pop("token_type_ids", None)
         if kwargs.get("position_ids") is None:
             # generate() did not build positions (e.g. a caller's loop): derive them from the whole sequence
             full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
             kwargs["position_ids"] = cogvlm_position_ids(input_ids == self.config.image_token_id, full_mask)
-        # the cache travels in kwargs under the running release's name (see compat.py)
         model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         ids = model_inputs.get("input_ids")
         if token_type_ids is not None and ids is not None and model_inputs.get("pixel_values") is not None:
             model_inputs["token_type_ids"] = token_type_ids[:, -ids.shape[1] :]
-        return drop_images_after_prefill(model_inputs, input_ids)
+        return model_inputs
+
+    def _check_generation_prefill(self, input_ids, attention_mask, has_images: bool) -> None:
+        pass  # forward checks a prefill itself (it reads an empty cache), in its one host sync
 
     # --- chat -------------------------------------------------------------------------------------
-    @property
-    def image_positions_saved(self) -> int:
-        return self.config.num_image_tokens - 3  # the image block takes 3 positions (boi, patches, eoi)
-
-    @classmethod
-    def chat_defaults_for(cls, config) -> dict:
-        """The original's chat generation defaults for ``config`` (used by ``chat``, the CLIs and the model card)."""
-        return dict(CHAT_DEFAULTS)
-
-    def _chat_inputs(self, tokenizer, image, query, history, gen_kwargs, logits_processor=None, template=None):
-        """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
-        template = template or self.config.template_version
-
-        def build(turns):
-            prompt = build_cogvlm_prompt(query, turns, template)
-            return build_cogvlm_inputs(tokenizer, prompt, image is not None, self.config.num_image_tokens,
-                                       self.config.image_token_id)
-
-        ids, kwargs = prepare_chat(build, history, self.chat_defaults_for(self.config), gen_kwargs,
-                                   self.config.text_config.max_position_embeddings,
-                                   saved_positions=self.image_positions_saved if image is not None else 0)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        pixel_values = None
-        if image is not None:
-            processor = CogVLMImageProcessor(size=self.config.vision_config.image_size)
-            pixel_values = processor(image, return_tensors="pt")["pixel_values"]
-            pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.dtype)
-        if logits_processor is not None:
-            kwargs["logits_processor"] = logits_processor
-        kwargs.setdefault("eos_token_id", self.config.text_config.eos_token_id)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.text_config.pad_token_id
-        kwargs.setdefault("pad_token_id", pad)
-        return input_ids, pixel_values, kwargs
-
-    @torch.no_grad()
-    def chat(self, tokenizer, image, query: str, history=None, template: Optional[str] = None, **gen_kwargs):
-        """One chat turn. ``image``: a path, a PIL image, or None (text only); ``template``: base | chat | vqa |
-        text (default ``config.template_version``). Returns ``(response, history + [(query, response)])``.
-        Generation defaults are the demos' (``configuration_cogvlm.CHAT_DEFAULTS``: greedy, 2048 new tokens); any
-        ``generate`` kwarg overrides them. ``max_length`` counts new tokens here; history turns that do not fit
-        the model's positions are left out of the prompt, oldest first, with a warning."""
-        history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
-                                                            template=template)
-        outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
-        new_tokens = outputs[0, input_ids.shape[1] :].tolist()
-        response = process_response(tokenizer.decode(new_tokens, skip_special_tokens=True))
-        return response, history + [(query, response)]
-
-    @torch.no_grad()
-    def stream_chat(self, tokenizer, image, query: str, history=None, template: Optional[str] = None, **gen_kwargs):
-        """Like ``chat`` but yields ``(partial_response, history + [(query, partial_response)])`` per new token."""
-        history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
-                                                            template=template)
-
-        def decode(tokens):
-            return process_response(tokenizer.decode(tokens, skip_special_tokens=True))
-
-        for response in stream_generate(self, decode, input_ids=input_ids, pixel_values=pixel_values, **kwargs):
-            yield response, history + [(query, response)]
+    def _chat_prompt_ids(self, tokenizer, query, history, has_image, template=None):
+        """``template``: base | chat | vqa | text (default ``config.template_version``)."""
+        prompt = build_cogvlm_prompt(query, history, template or self.config.template_version)
+        return build_cogvlm_inputs(tokenizer, prompt, has_image, self.config.num_image_tokens,
+                                   self.config.image_token_id)
 
 
 __all__ = [

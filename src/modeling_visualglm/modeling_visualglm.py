@@ -22,26 +22,14 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers.generation import LogitsProcessorList
 
-from .chat_utils import (
-    InvalidScoreLogitsProcessor,
-    TokenRangeLogitsProcessor,
-    check_history,
-    prepare_chat,
-    stream_generate,
-)
+from .chat_utils import InvalidScoreLogitsProcessor, TokenRangeLogitsProcessor
 from .chatglm import ChatGLMModel, chatglm_position_ids, check_chatglm_prompt
-from .compat import cache_kwargs, kv_length, output_cache, pick_cache
+from .compat import kv_length, pick_cache
 from .configuration_visualglm import CHAT_DEFAULTS, VisualGLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
-from .multimodal import (
-    MultimodalCausalLMOutputWithPast,
-    MultimodalPreTrainedModel,
-    check_image_count,
-    drop_images_after_prefill,
-)
+from .multimodal import MultimodalCausalLMOutputWithPast, MultimodalForConditionalGeneration, MultimodalPreTrainedModel
 from .processing_visualglm import build_visualglm_inputs, process_response
 from .qformer import QFormerModel
 # transformers 4.57.x copies out of a local folder only the files that the loaded file itself imports (5.x follows
@@ -57,24 +45,21 @@ class VisualGLMPreTrainedModel(MultimodalPreTrainedModel):
     config_class = VisualGLMConfig
     quantization_skip_modules = ["vision_model", "qformer", "glm_proj", "lm_head"]
 
-    def _init_weights(self, module):
-        # only glm_proj and lm_head live here: sub-models initialise their own parameters
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
 
-
-class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixin):
+# GenerationMixin among the direct bases: transformers' remote-code loader looks for it there
+class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, MultimodalForConditionalGeneration, GenerationMixin):
     """VisualGLM-6B with a language-modeling head.
 
     forward: ``input_ids`` (B, T) with each image as a run of ``config.num_image_tokens`` ×
     ``config.image_token_id``; ``pixel_values`` (N_images, 3, S, S) for the images in order of appearance
-    → ``logits`` (B, T, V).
+    → ``logits`` (B, T, V). ``chat``: THUDM's sampling defaults; ``english=`` picks the prompt language.
     """
 
     _tied_weights_keys = {"lm_head.weight": "language_model.word_embeddings.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}
+    image_processor_class = VisualGLMImageProcessor
+    chat_defaults = CHAT_DEFAULTS
+    chat_prompt_options = ("english",)
+    _chat_response = staticmethod(process_response)
 
     def __init__(self, config: VisualGLMConfig):
         super().__init__(config)
@@ -85,17 +70,12 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    # --- images -----------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """(N, 3, S, S) → (N, num_image_tokens, H_text): tower (+ ln_vision) → Q-Former → glm_proj."""
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (N, 1+P, H_vit)
         query_output = self.qformer(encoder_hidden_states=image_embeds).last_hidden_state  # (N, Q, H_q)
         return self.glm_proj(query_output.to(self.glm_proj.weight.dtype))
 
-    def _check_image_count(self, image_mask, num_images):
-        check_image_count(image_mask, num_images, self.config.num_image_tokens, self.config.image_token_id)
-
-    # --- forward ----------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -111,40 +91,19 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         past_key_values=None,
         **kwargs,
     ) -> VisualGLMCausalLMOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        """position_ids (B, 2, T): GLM's 2D positions. Without them the language model derives them from
+        ``input_ids`` (a prefill only: decode steps inside ``generate`` always bring them, and must not read the
+        cache length, a host sync and a graph break for static caches)."""
+        self._check_input_kinds(input_ids, inputs_embeds, pixel_values)
         cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
-        # Decode steps inside generate() always bring position_ids and no pixel_values; they must not read
-        # the cache length (a device value for static caches: a host sync and a torch.compile graph break).
-        derive_positions = position_ids is None
-        if derive_positions and cache is not None and cache.get_seq_length() > 0:
-            raise ValueError(
-                "position_ids are required with a non-empty cache: compute them with chatglm_position_ids("
-                "full_input_ids, attention_mask, config.text_config) on the whole sequence (generate() does this)"
-            )
-        image_features = None
-        image_mask = None
-        if inputs_embeds is None:
+        image_mask = image_features = None
+        if input_ids is not None:
             image_mask = input_ids == self.config.image_token_id  # (B, T)
-            # the placeholder id may lie outside the embedding table: never look it up
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-            if pixel_values is not None or derive_positions:  # a prefill: one host sync is fine
-                self.check_prompt_length(input_ids.shape[1], pixel_values is not None)
-                self._check_image_count(image_mask, 0 if pixel_values is None else pixel_values.shape[0])
-            if pixel_values is not None:
-                inputs_embeds, image_features = self._scatter_image_features(inputs_embeds, image_mask, pixel_values)
-            if derive_positions:
-                check_chatglm_prompt(input_ids, attention_mask, self.config.text_config)
-                position_ids = chatglm_position_ids(input_ids, attention_mask, self.config.text_config)
-        elif pixel_values is not None:
-            raise ValueError("pixel_values need input_ids (their placeholders say where the images go)")
-        if position_ids is None:
-            raise ValueError(
-                "position_ids are required with inputs_embeds: compute them with chatglm_position_ids("
-                "input_ids, attention_mask, config.text_config)"
-            )
-
+            if pixel_values is not None or position_ids is None:  # a prefill: one host sync is fine
+                self._check_prefill(image_mask, pixel_values)
+            inputs_embeds, image_features = self.embed_with_images(input_ids, image_mask, pixel_values)
         outputs = self.language_model(
+            input_ids=input_ids,  # with inputs_embeds given, the ids only place <sop> / [gMASK] for the positions
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -153,46 +112,23 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-
-        loss = None
-        if labels is not None:
-            if image_mask is not None:
-                labels = labels.masked_fill(image_mask, -100)  # image positions are never supervised
-            shift_logits = logits[:, :-1, :].float()
-            shift_labels = labels[:, 1:].to(shift_logits.device)
-            loss = nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
-            )
-
-        return VisualGLMCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            **cache_kwargs(output_cache(outputs)),
-            hidden_states=outputs.hidden_states,
-            image_hidden_states=image_features,
-        )
+        return self.lm_output(outputs, labels, image_mask, image_features, logits_to_keep)
 
     # --- generation hooks -------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # generate() tracks 1-D positions (+1 per step); GLM's are 2-D with row 0 frozen at the mask
         # position, so they are derived from the full sequence instead (tensor ops only, no host sync).
         kwargs.pop("position_ids", None)
-        # the cache travels in kwargs under the running release's name (see compat.py)
         model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         step_ids = model_inputs.get("input_ids")
         if step_ids is not None:
-            full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-            positions = chatglm_position_ids(input_ids, full_mask, self.config.text_config)
+            positions = chatglm_position_ids(input_ids, _padding_mask(attention_mask), self.config.text_config)
             model_inputs["position_ids"] = positions[..., -step_ids.shape[1] :]
-            if step_ids.shape[1] == input_ids.shape[1]:  # the prefill (shapes only: no host sync per step)
-                self.check_prompt_length(input_ids.shape[1], model_inputs.get("pixel_values") is not None)
-                check_chatglm_prompt(input_ids, full_mask, self.config.text_config)
-                if model_inputs.get("pixel_values") is None:  # else forward checks the count itself
-                    self._check_image_count(input_ids == self.config.image_token_id, 0)
-        return drop_images_after_prefill(model_inputs, input_ids)
+        return model_inputs
+
+    def _check_generation_prefill(self, input_ids, attention_mask, has_images: bool) -> None:
+        super()._check_generation_prefill(input_ids, attention_mask, has_images)
+        check_chatglm_prompt(input_ids, _padding_mask(attention_mask), self.config.text_config)
 
     def create_masks_for_generate(self, config=None, attention_mask=None, **kwargs):
         # The language model builds its own prefix-LM mask from the 2-D padding mask and positions. For
@@ -207,62 +143,20 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         return nn.functional.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
     # --- chat -------------------------------------------------------------------------------------
-    @classmethod
-    def chat_defaults_for(cls, config) -> dict:
-        """The original's chat generation defaults for ``config`` (used by ``chat``, the CLIs and the model card)."""
-        return dict(CHAT_DEFAULTS)
+    def _chat_prompt_ids(self, tokenizer, query, history, has_image, english=None):
+        """``english``: the prompt language (None: English iff the query has no CJK ideograph)."""
+        return build_visualglm_inputs(tokenizer, query, history=history, has_image=has_image,
+                                      num_image_tokens=self.config.num_image_tokens, english=english)
 
-    def _chat_inputs(self, tokenizer, image, query, history, gen_kwargs, logits_processor=None, english=None):
-        """(input_ids (1, T), pixel_values or None, generate kwargs) of one chat turn."""
+    def _chat_logits_processors(self, tokenizer):
+        # never sample ids past the tokenizer (padded rows, the placeholder); <eop> on fp16 overflow
+        return [TokenRangeLogitsProcessor(tokenizer.vocab_size),
+                InvalidScoreLogitsProcessor(self.config.text_config.eos_token_id)]
 
-        def build(turns):
-            return build_visualglm_inputs(tokenizer, query, history=turns, has_image=image is not None,
-                                          num_image_tokens=self.config.num_image_tokens, english=english)
 
-        ids, kwargs = prepare_chat(build, history, self.chat_defaults_for(self.config), gen_kwargs,
-                                   self.config.text_config.max_position_embeddings)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        pixel_values = None
-        if image is not None:
-            processor = VisualGLMImageProcessor(size=self.config.vision_config.image_size)
-            pixel_values = processor(image, return_tensors="pt")["pixel_values"]
-            pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.dtype)
-        processors = LogitsProcessorList(logits_processor or [])
-        processors.append(TokenRangeLogitsProcessor(tokenizer.vocab_size))
-        processors.append(InvalidScoreLogitsProcessor(self.config.text_config.eos_token_id))
-        kwargs["logits_processor"] = processors
-        kwargs.setdefault("eos_token_id", self.config.text_config.eos_token_id)
-        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        return input_ids, pixel_values, kwargs
+def _padding_mask(attention_mask):
+    """The 2-D padding mask generate() tracks, or None (a ready 4-D mask says nothing about padding here)."""
+    return attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
 
-    @torch.no_grad()
-    def chat(self, tokenizer, image, query: str, history=None, logits_processor=None, english=None, **gen_kwargs):
-        """One chat turn. ``image``: a path, a PIL image, or None (text only).
 
-        Returns ``(response, history + [(query, response)])``. Generation defaults are THUDM's
-        (``configuration_visualglm.CHAT_DEFAULTS``: sampling, top_p 0.4, top_k 100, temperature 0.8,
-        repetition_penalty 1.2, 1024 new tokens, min_length 100); any ``generate`` keyword overrides them, e.g.
-        ``do_sample=False, max_new_tokens=64, min_length=0``. ``max_length`` counts new tokens here; history
-        turns that do not fit the model's positions are left out of the prompt, oldest first, with a warning.
-        """
-        history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
-                                                            logits_processor, english=english)
-        outputs = self.generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
-        response = process_response(tokenizer.decode(outputs[0, input_ids.shape[1] :].tolist(),
-                                                     skip_special_tokens=True))
-        return response, history + [(query, response)]
-
-    @torch.no_grad()
-    def stream_chat(self, tokenizer, image, query: str, history=None, logits_processor=None, english=None,
-                    **gen_kwargs):
-        """Like ``chat`` but yields ``(partial_response, history)`` after every generated token."""
-        history = check_history(history)
-        input_ids, pixel_values, kwargs = self._chat_inputs(tokenizer, image, query, history, gen_kwargs,
-                                                            logits_processor, english=english)
-
-        def decode(tokens):
-            return process_response(tokenizer.decode(tokens, skip_special_tokens=True))
-
-        for response in stream_generate(self, decode, input_ids=input_ids, pixel_values=pixel_values, **kwargs):
-            yield response, history + [(query, response)]
+__all__ = ["VisualGLMPreTrainedModel", "VisualGLMForConditionalGeneration"]

@@ -186,18 +186,10 @@ class QFormerPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_attention_backend = True
 
-    @torch.no_grad()
     def _init_weights(self, module):
-        std = self.config.initializer_range
+        super()._init_weights(module)  # Linear: normal(initializer_range), zero bias; LayerNorm: 1, 0
         if isinstance(module, QFormerModel):
-            init.normal_(module.query_tokens, mean=0.0, std=std)
-        elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
 
 
 class QFormerModel(QFormerPreTrainedModel):
