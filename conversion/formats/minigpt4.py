@@ -9,7 +9,7 @@ What it does, as the original loads them (MiniGPT-4 @ef1ac08 ``mini_gpt4.py``, L
   ``--vit``, as LAVIS loads the BLIP-2 checkpoint over the tower. ``q_bias``/``v_bias`` become the fused qkv
   bias cat(q_bias, 0, v_bias) (K has no bias). Heads: EVA ViT-g's head dim is 88 (1408 / 16).
 - ``ln_vision``: from the BLIP-2 file (vicuna0); the LLaMA-2 / v2 code never loads a BLIP-2 checkpoint, so
-  its LayerNorm keeps the fresh init (weight 1, bias 0), written here explicitly (spec §8).
+  its LayerNorm keeps the fresh init (weight 1, bias 0), written here explicitly.
 - Q-Former: LAVIS/BERT names → our SAT-order blocks (fused qkv, cross-attention [K; V]; BERT's output
   LayerNorm of layer i is our layer i+1 ``input_layernorm``); head dim 64 (BERT-base).
 - Variant: ``llama_proj`` in_features 768 (the Q-Former width) → vicuna0; 4 × the ViT width → llama2, or

@@ -1,6 +1,6 @@
 """VisualGLM-6B sources: the SwissArmyTransformer (SAT) release and THUDM's HF ``visualglm-6b`` folder.
 
-Both store the same tensors under two naming schemes (spec §4.2): SAT keeps the image encoder under
+Both store the same tensors under two naming schemes: SAT keeps the image encoder under
 ``mixins.eva.model.`` and the LM head under ``mixins.chatglm-final.lm_head``; THUDM's HF conversion
 (``convert_sat_checkpoint.py`` on the ``visual`` branch of THUDM/chatglm-6b) renamed the prefix to
 ``image_encoder.``, the head to ``lm_head`` and deleted ``transformer.position_embeddings``. Our names

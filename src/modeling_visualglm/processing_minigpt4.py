@@ -16,7 +16,7 @@ Deliberate differences:
 - Legacy tokenization is reproduced on transformers 5's tokenizers-backed ``LlamaTokenizer``: a literal
   ``<s>`` inside a segment becomes the BOS id and the text after it is encoded as a new SentencePiece
   input (with its dummy-prefix ``▁``), as the slow tokenizer did; v5's ``legacy=False`` encoding would
-  drop that ``▁`` (spec §8).
+  drop that ``▁`` (the SentencePiece ``add_dummy_prefix`` behaviour of LLaMA's tokenizer.model).
 - ``###`` stops generation through transformers' ``stop_strings`` (any tokenization of ``###``), where the
   original compared the tail to the two LLaMA id sequences [835] and [2277, 29937].
 - A Jinja chat template per variant renders the same prompt from ``messages`` (at most one image per conversation,

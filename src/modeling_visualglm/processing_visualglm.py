@@ -14,7 +14,7 @@ Each of the two text pieces is encoded on its own, so each gets SentencePiece's 
 image the prompt is encoded whole (``tokenizer(prompt)``), as in the originals.
 
 Deliberate differences from the original:
-- The placeholders are the tokenizer's dedicated ``<image>`` id (CONTRACTS §4) instead of ``<unk>`` (HF) or
+- The placeholders are the tokenizer's dedicated ``<image>`` id instead of ``<unk>`` (HF) or
   ``<pad>`` (SAT); the model replaces their embeddings, so the id never reaches the network.
 - ``english=None`` picks the English format when the query has no character in U+4E00..U+9FA5, the rule
   VisualGLM's ``api.py``/``web_demo.py`` apply through ``is_chinese``; the SAT ``chat`` defaults to Chinese

@@ -19,7 +19,7 @@ Deliberate differences from the original:
 - All state (the SentencePiece processor, its vocabulary) exists before ``super().__init__``; the original set
   ``self.sp_tokenizer`` afterwards and crashes on transformers ≥ 4.34 (VisualGLM-6B #285, #323, #333).
 - An extra special token ``<image>`` with id = the model's piece count (the first id after the pieces;
-  SentencePiece never produces it). It is the dedicated image placeholder of CONTRACTS §4: the originals
+  SentencePiece never produces it). It is the dedicated image placeholder every family uses: the originals
   filled the 32 image slots with ``<unk>`` (HF) or ``<pad>`` (SAT), which ``generate()`` and losses confuse with
   real tokens. The model replaces the embeddings at these positions before any lookup; for the real model
   the id is 130344 < 130528 embedding rows, so it is even a valid row.
@@ -32,7 +32,7 @@ Deliberate differences from the original:
   except for the literal strings ``<n>``, ``<|tab|>`` and ``<|blank_k|>``, which are the whitespace pieces
   (USER_DEFINED) and decode to "\\n", "\\t" and k spaces, as in the original.
 - No ``position_ids``/3D mask from ``_pad``: the model derives ChatGLM's 2D positions and prefix mask from
-  ``input_ids`` and the 2D padding mask (CONTRACTS §4). No ``icetk`` image ids (``num_image_tokens`` is 0 in
+  ``input_ids`` and the 2D padding mask. No ``icetk`` image ids (``num_image_tokens`` is 0 in
   every released config and is ignored here).
 - Ids that name no piece and no added token raise a ``ValueError`` in ``decode`` instead of an ``IndexError``
   deep inside SentencePiece (ChatGLM-6B #987: the embedding has 184 rows more than the vocabulary).
@@ -122,33 +122,12 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.do_lower_case = do_lower_case
         self.remove_space = remove_space
         self._sp_vocab = {self.sp_model.IdToPiece(i): i for i in range(self.sp_model.GetPieceSize())}
-        for name, piece in (
-            ("unk_token", unk_token),
-            ("pad_token", pad_token),
-            ("bos_token", bos_token),
-            ("eos_token", eos_token),
-            ("mask_token", mask_token),
-            ("gmask_token", gmask_token),
-            ("smask_token", smask_token),
-        ):
-            if str(piece) not in self._sp_vocab:
-                raise ValueError(
-                    f"{name}={str(piece)!r} is not a piece of {vocab_file}; is this ChatGLM's ice_text.model?"
-                )
-        if str(image_token) in self._sp_vocab:
-            raise ValueError(f"image_token={str(image_token)!r} must not be a SentencePiece piece of {vocab_file}")
-
-        # Specials keep their SentencePiece ids; <image> takes the first id after the pieces. Passing them as
-        # the added-token table up front pins those ids (a saved tokenizer_config.json passes the same table).
-        saved = kwargs.pop("added_tokens_decoder", None) or {}
-        decoder = {int(k): (AddedToken(**v) if isinstance(v, dict) else v) for k, v in saved.items()}
-        for piece in (unk_token, pad_token, bos_token, eos_token, mask_token, gmask_token, smask_token):
-            decoder.setdefault(self._sp_vocab[str(piece)], _special(piece))
-        image_id = self.sp_model.GetPieceSize()
-        if image_id in decoder and str(decoder[image_id]) != str(image_token):
-            raise ValueError(f"id {image_id} is reserved for {str(image_token)!r}, found {str(decoder[image_id])!r}")
-        decoder[image_id] = _special(image_token)
-        self._added_tokens_decoder = {k: (AddedToken(v) if isinstance(v, str) else v) for k, v in decoder.items()}
+        specials = dict(unk_token=unk_token, pad_token=pad_token, bos_token=bos_token, eos_token=eos_token,
+                        mask_token=mask_token, gmask_token=gmask_token, smask_token=smask_token)
+        self._check_pieces(specials, image_token)
+        self._added_tokens_decoder = self._pinned_decoder(
+            kwargs.pop("added_tokens_decoder", None) or {}, specials.values(), image_token
+        )
 
         super().__init__(
             unk_token=unk_token,
@@ -166,6 +145,28 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             **kwargs,
         )
         set_extra_special_tokens(self, gmask_token=gmask_token, smask_token=smask_token, image_token=image_token)
+
+    def _check_pieces(self, specials: dict, image_token) -> None:
+        """The specials must be pieces of the SentencePiece model; ``<image>`` must not be one."""
+        for name, piece in specials.items():
+            if str(piece) not in self._sp_vocab:
+                raise ValueError(
+                    f"{name}={str(piece)!r} is not a piece of {self.vocab_file}; is this ChatGLM's ice_text.model?"
+                )
+        if str(image_token) in self._sp_vocab:
+            raise ValueError(f"image_token={str(image_token)!r} must not be a SentencePiece piece of {self.vocab_file}")
+
+    def _pinned_decoder(self, saved: dict, specials, image_token) -> dict:
+        """Specials keep their SentencePiece ids; ``<image>`` takes the first id after the pieces. Passing them as
+        the added-token table up front pins those ids (a saved tokenizer_config.json passes the same table)."""
+        decoder = {int(k): (AddedToken(**v) if isinstance(v, dict) else v) for k, v in saved.items()}
+        for piece in specials:
+            decoder.setdefault(self._sp_vocab[str(piece)], _special(piece))
+        image_id = self.sp_model.GetPieceSize()
+        if image_id in decoder and str(decoder[image_id]) != str(image_token):
+            raise ValueError(f"id {image_id} is reserved for {str(image_token)!r}, found {str(decoder[image_id])!r}")
+        decoder[image_id] = _special(image_token)
+        return {k: (AddedToken(v) if isinstance(v, str) else v) for k, v in decoder.items()}
 
     # ---- vocabulary -------------------------------------------------------------------------------------
 
