@@ -79,6 +79,8 @@ SLOW = {
     "test_processor.py": ("test_processor_save_and_auto_load_in_a_clean_interpreter",),
     "test_hub_export.py": ("test_push_and_check_cli", "test_check_on_a_device"),
     "test_device_map.py": ("test_offloaded_device_map",),
+    "test_finetune_ddp.py": ("",),  # two gloo processes
+    "test_finetune.py": ("test_train_eval_merge_check", "test_resume_continues"),
 }
 
 
