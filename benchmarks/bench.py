@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-MODES = ("table", "profile", "split", "quant", "determinism", "convert")
+MODES = ("table", "profile", "split", "quant", "determinism", "convert", "serve_load")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -80,6 +80,9 @@ SLOW = {
     "test_hub_export.py": ("test_push_and_check_cli", "test_check_on_a_device"),
     "test_device_map.py": ("test_offloaded_device_map",),
     "test_finetune_ddp.py": ("",),  # two gloo processes
+    "test_chat_cli.py": ("",),  # a real pseudo-terminal per test
+    "test_web.py": ("",),  # gradio in headless Chromium
+    "test_serve.py": ("test_docs_session_block", "test_load_short"),
     "test_finetune.py": ("test_train_eval_merge_check", "test_resume_continues"),
 }
 
