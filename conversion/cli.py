@@ -2,7 +2,10 @@
 
     visualglm-convert --format FORMAT --out DIR [source flags] [--tokenizer PATH]
                       [--dtype keep|float32|float16|bfloat16] [--max-shard-size 5GB] [--force]
-                      [--allow-nonfinite]
+                      [--allow-nonfinite] [--lora-as-adapter [DIR]]
+
+``--lora-as-adapter`` (sat-visualglm, sat-cogvlm): a fine-tuned checkpoint's SAT LoRA goes to a peft adapter folder
+(DIR, default ``OUT-lora``) instead of being merged (conversion/lora.py); it is written and checked like ``--out``.
 
 Exit codes: 0 success, 1 conversion error (bad or inconsistent input, a full disk), 2 usage error (including
 an existing ``--out`` without ``--force``, an ``--out`` this tool did not write, and an ``--out`` that is,
@@ -17,8 +20,10 @@ untouched); the temporary folder of a run killed outright (SIGKILL) is removed b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,6 +32,7 @@ from pathlib import Path
 from .apply import DTYPES, build_plan, human_bytes
 from .errors import ConversionError, Interrupted, UsageError
 from .formats import FORMATS, SOURCE_FLAGS
+from .lora import adapter_dir
 
 PROG = "visualglm-convert"
 # the source flags that name files or folders (every one is protected from being written to)
@@ -51,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         if flag == "qkv_layout":
             kwargs["choices"] = ["blocked", "interleaved"]
             kwargs["help"] += "; default blocked (SAT releases since July 2023)"
+        if flag == "lora_as_adapter":  # a bare flag writes OUT-lora (conversion.lora.adapter_dir)
+            kwargs.update(nargs="?", const="", metavar="DIR")
         src.add_argument("--" + flag.replace("_", "-"), dest=flag, **kwargs)
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the source folder's, if any)")
     p.add_argument("--dtype", default="keep", choices=["keep", *DTYPES],
@@ -110,12 +118,20 @@ def check_out(args, out: Path) -> None:
         how = overlap(out, Path(value))
         if how:
             clashes.append(f"--out {out} {how} the source --{flag.replace('_', '-')} {value}")
+    adapter = adapter_dir(args)
+    if adapter is not None:
+        clashes += [f"the adapter folder {adapter} {how} the source --{flag.replace('_', '-')} {value}"
+                    for flag in PATH_FLAGS if (value := getattr(args, flag, None)) is not None
+                    and (how := overlap(adapter, Path(value)))]
+        if overlap(adapter, out):
+            clashes.append(f"the adapter folder {adapter} {overlap(adapter, out)} --out {out}")
     if clashes:
         raise UsageError("; ".join(clashes) + ": a source is never written to (with or without --force); "
                          "choose an --out outside every source", show_usage=False)
-    reason = refuse_reason(out, args.force)
-    if reason is not None:
-        raise UsageError(reason, show_usage=False)
+    for folder in (out, adapter) if adapter is not None else (out,):
+        reason = refuse_reason(folder, args.force)
+        if reason is not None:
+            raise UsageError(reason, show_usage=False)
 
 
 def run(args) -> int:
@@ -137,17 +153,23 @@ def run(args) -> int:
     try:
         plan = build_plan(loaded.source, loaded.rules, loaded.config, loaded.model_class,
                           format_name=fmt.name, dtype=dtype, allow_nonfinite=args.allow_nonfinite)
+        adapter_plan = _adapter_plan(loaded, fmt, dtype, args)  # checked before anything is written, too
         print(plan.coverage_report())
         for note in loaded.notes:
             print(f"  note: {note}")
+        if adapter_plan is not None:
+            print(adapter_plan.coverage_report())
         sys.stdout.flush()
         try:
-            with staged_output(out, force=args.force, marker={"format": fmt.name}) as tmp:
+            with _adapter_undone_on_failure(loaded), staged_output(out, force=args.force,
+                                                                  marker={"format": fmt.name}) as tmp:
                 if loaded.family is None:  # a model transformers itself implements: no remote code
                     result = _write_plain(tmp, loaded, plan, max_shard, args)
                 else:
                     result = _write_hub(tmp, loaded, plan, max_shard, args, out, fmt)
                 warnings = plan.finish_data_checks()  # raises (and the folder is dropped) on overflow / NaN
+                if adapter_plan is not None:  # renamed into place just before --out: see _write_adapter
+                    warnings += _write_adapter(loaded.adapter, adapter_plan, args, fmt)
         except OSError as e:
             raise ConversionError(write_error(e, out, plan)) from None
         except Exception as e:  # noqa: BLE001 - safetensors' Rust errors wrap I/O failures
@@ -158,17 +180,23 @@ def run(args) -> int:
         loaded.source.close()
     for w in warnings:
         print(f"{PROG}: warning: {w}", file=sys.stderr)
-    took = time.perf_counter() - start
+    _report_written(out, result, loaded, time.perf_counter() - start)
+    return 0
+
+
+def _report_written(out: Path, result, loaded, took: float) -> None:
     code = f"; code: {', '.join(result.code_files)}" if hasattr(result, "code_files") else " (plain transformers folder)"
     print(f"wrote {out} in {took:.1f}s: {len(result.weight_files)} weight file(s), "
           f"{human_bytes(result.total_size)}{code}")
+    if loaded.adapter is not None:
+        print(f"wrote the LoRA as a peft adapter to {loaded.adapter.out}: load it with "
+              f"PeftModel.from_pretrained(model, {str(loaded.adapter.out)!r}) on the model of {out}")
     if not result.complete:
         if loaded.family is None:
             print(f"WARNING: {out} has NO TOKENIZER: re-run with --tokenizer (a tokenizer.model or its folder)")
         else:
             print(f"WARNING: {out} is INCOMPLETE (no tokenizer): re-run with --tokenizer; "
                   "`visualglm-export check` fails on it until then")
-    return 0
 
 
 def write_error(e: Exception, out: Path, plan=None) -> str:
@@ -227,6 +255,40 @@ def _write_hub(tmp, loaded, plan, max_shard, args, out, fmt):
         source_note=source_note,
         progress=not args.no_progress,
     )
+
+
+def _adapter_plan(loaded, fmt, dtype, args):
+    """The checked plan of the peft adapter (``--lora-as-adapter``), or None."""
+    if loaded.adapter is None:
+        return None
+    from .lora import PeftLoraAdapter
+
+    part = loaded.adapter
+    return build_plan(part.source, part.rules, part.target, PeftLoraAdapter, format_name=f"{fmt.name} LoRA",
+                      dtype=dtype, allow_nonfinite=args.allow_nonfinite)
+
+
+def _write_adapter(part, plan, args, fmt) -> list[str]:
+    """The adapter folder, staged like --out. It is renamed into place inside --out's staging, so a failure before
+    --out's own rename leaves neither; should that last rename fail, the new adapter folder is removed again."""
+    from ..hub_export.writer import staged_output
+    from .lora import write_adapter_folder
+
+    with staged_output(part.out, force=args.force, marker={"format": fmt.name, "adapter": True}) as tmp:
+        write_adapter_folder(tmp, plan, part.target.lora_config)
+        return plan.finish_data_checks()
+
+
+@contextlib.contextmanager
+def _adapter_undone_on_failure(loaded):
+    """Remove an adapter folder this run created when --out then fails (only its final rename is left by then)."""
+    new = loaded.adapter is not None and not loaded.adapter.out.exists()
+    try:
+        yield
+    except BaseException as e:
+        if new and loaded.adapter.out.is_dir() and not getattr(e, "output_written", False):
+            shutil.rmtree(loaded.adapter.out, ignore_errors=True)
+        raise
 
 
 def _raise_interrupted(signum, frame):

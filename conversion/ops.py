@@ -197,6 +197,73 @@ def fuse_qkv_lora(q, k, v, qa, qb, va, vb, *, alpha: float) -> tuple[torch.Tenso
     return (torch.cat([q, k, v]),)
 
 
+# --- SAT LoRA (SwissArmyTransformer 0.4.12 sat/model/finetune/lora2.py: LoraLinear, merge_linear_lora) ----------
+# A LoraLinear of ``partition`` p keeps W as ``original`` and p pairs A_k [r, in], B_k [rows_k, r]; its output rows
+# are the concatenation of the p slices (q, k, v for a fused qkv): y = W x + cat_k(B_k A_k x) · alpha / r.
+# The sources of these ops are (A_0 … A_{p-1}, B_0 … B_{p-1}), after W for the merge. ``then`` names the op of the
+# base weight's rule (e.g. ``interleave_qkv_heads``), applied to the result with the remaining keyword arguments:
+# it permutes output rows, so it commutes with adding a delta (P(W + D) = PW + PD).
+
+def _lora_pairs(ab: tuple, rows: int | None = None, cols: int | None = None) -> tuple[list, list, int]:
+    """(A list, B list, r), after checking the shapes LoraLinear gives them (``rows``/``cols``: W's shape)."""
+    if not ab or len(ab) % 2:
+        raise ValueError(f"LoRA needs matrix_A and matrix_B in pairs, got {len(ab)} tensors")
+    p = len(ab) // 2
+    a, b = list(ab[:p]), list(ab[p:])
+    r = a[0].shape[0] if a[0].dim() == 2 else -1
+    cols = a[0].shape[-1] if cols is None else cols
+    bad = [f"matrix_A.{k} is {list(t.shape)}, not [{r}, {cols}]" for k, t in enumerate(a)
+           if t.dim() != 2 or tuple(t.shape) != (r, cols)]
+    bad += [f"matrix_B.{k} is {list(t.shape)}, not [rows, {r}] (rank {r} from matrix_A.0)" for k, t in enumerate(b)
+            if t.dim() != 2 or t.shape[1] != r]
+    if not bad and rows is not None and sum(t.shape[0] for t in b) != rows:
+        bad.append(f"the matrix_B rows {[t.shape[0] for t in b]} do not add up to the {rows} output rows")
+    if bad or r < 1:
+        raise ValueError("; ".join(bad) or "rank 0")
+    return a, b, r
+
+
+def _then(t: torch.Tensor, then: str | None, kwargs: dict) -> tuple[torch.Tensor]:
+    return (t,) if then is None else tuple(OPS[then](t, **kwargs))
+
+
+@register("sat_lora_merge")
+def sat_lora_merge(w: torch.Tensor, *ab: torch.Tensor, alpha: float, then: str | None = None,
+                   **then_kwargs) -> tuple[torch.Tensor]:
+    """W + cat_k(B_k A_k) · alpha / r as SAT's ``merge_linear_lora`` computes it (each B_k A_k in float32, scaled,
+    concatenated, added to W, cast back to W's dtype), then the base rule's op."""
+    if w.dim() != 2:
+        raise ValueError(f"original.weight is {list(w.shape)}, not a matrix")
+    a, b, r = _lora_pairs(ab, rows=w.shape[0], cols=w.shape[1])
+    if not w.is_meta:
+        delta = torch.cat([bk.float() @ ak.float() * (alpha / r) for ak, bk in zip(a, b)], dim=-2)
+        w = (w + delta).to(w.dtype)
+    return _then(w, then, then_kwargs)
+
+
+@register("sat_lora_stack_a")
+def sat_lora_stack_a(*a: torch.Tensor) -> tuple[torch.Tensor]:
+    """A_0 … A_{p-1} → peft's ``lora_A`` [p·r, in] (one adapter of rank p·r)."""
+    if any(t.dim() != 2 or t.shape != a[0].shape for t in a):
+        raise ValueError(f"matrix_A shapes {[list(t.shape) for t in a]} are not one [r, in] shape")
+    return (torch.cat(a, dim=0),)
+
+
+@register("sat_lora_blockdiag_b")
+def sat_lora_blockdiag_b(*b: torch.Tensor, then: str | None = None, **then_kwargs) -> tuple[torch.Tensor]:
+    """B_0 … B_{p-1} → peft's ``lora_B`` [Σ rows_k, p·r]: block-diagonal, so slice k of the output sees only A_k
+    (with peft's scaling alpha·p / (r·p) = SAT's alpha / r); then the base rule's op on the rows."""
+    if any(t.dim() != 2 or t.shape[1] != b[0].shape[1] for t in b):
+        raise ValueError(f"matrix_B shapes {[list(t.shape) for t in b]} do not share one rank")
+    r = b[0].shape[1]
+    out = b[0].new_zeros((sum(t.shape[0] for t in b), r * len(b)))
+    row = 0
+    for k, t in enumerate(b):
+        out[row : row + t.shape[0], k * r : (k + 1) * r] = t
+        row += t.shape[0]
+    return _then(out, then, then_kwargs)
+
+
 def run_op(name: str | None, tensors: tuple[torch.Tensor, ...], kwargs: dict) -> tuple[torch.Tensor, ...]:
     if name is None:
         if len(tensors) != 1:

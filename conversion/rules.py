@@ -62,6 +62,12 @@ def _plain(template: str) -> str:
     return _SLOT.sub(lambda m: "{" + m.group(1) + "}", template)
 
 
+def specialize(template: str, values: dict[str, str], keep: tuple[str, ...]) -> str:
+    """``template`` with every slot not in ``keep`` fixed to its value in ``values`` (``{lin:a|b}`` → ``a``); kept slots
+    lose their alternatives (``{i}``). Derives narrower rules from a matched one (conversion.lora)."""
+    return _SLOT.sub(lambda m: "{" + m.group(1) + "}" if m.group(1) in keep else values[m.group(1)], template)
+
+
 @dataclass(frozen=True)
 class Rule:
     """One row of a format table. Build rows with :func:`rename`, :func:`convert` and :func:`drop`."""

@@ -569,6 +569,25 @@ class PrefixedSource(TensorSource):
             part.close()
 
 
+class SubsetSource(TensorSource):
+    """Some of another source's tensors, under the same names (a fine-tuned checkpoint split into the base weights
+    and the adapter). ``owner``: closing this view closes the parent (give it to exactly one view)."""
+
+    def __init__(self, parent: TensorSource, keys, description: str, owner: bool = False):
+        super().__init__(description)
+        self._parent, self._owner = parent, owner
+        self._infos = {k: parent.info(k) for k in keys}
+
+    def _load(self, key: str) -> torch.Tensor:
+        if key not in self._infos:
+            raise KeyError(key)
+        return self._parent.get(key)
+
+    def close(self):
+        if self._owner:
+            self._parent.close()
+
+
 # --- tokenizers ---------------------------------------------------------------------------------------------
 
 SPM_FILE = "tokenizer.model"

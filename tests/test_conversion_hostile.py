@@ -54,13 +54,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sat(tiny_tokenizer, tmp_path_factory):
-    from modeling_visualglm.tools.demo import write_sat_checkpoint
+    """A SwissArmyTransformer VisualGLM folder (``latest``, ``1/mp_rank_00_model_states.pt``, model_config.json),
+    written with the converter's rules run backwards; its parity is the business of test_conversion_visualglm."""
+    from modeling_visualglm.conversion.apply import to_original
+    from modeling_visualglm.conversion.formats.visualglm import sat_model_config
     from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
     from modeling_visualglm.tools.tiny_models import randomize_, tiny_visualglm_config
 
     torch.manual_seed(0)
     model = randomize_(VisualGLMForConditionalGeneration(tiny_visualglm_config(tiny_tokenizer)).eval(), seed=3)
-    return write_sat_checkpoint(model, tmp_path_factory.mktemp("hostile") / "sat")
+    folder = tmp_path_factory.mktemp("hostile") / "sat"
+    (folder / "1").mkdir(parents=True)
+    sd = to_original(dict(model.state_dict()), "sat-visualglm", model.config, qkv_layout="blocked")
+    torch.save({"module": sd}, folder / "1" / "mp_rank_00_model_states.pt")
+    (folder / "latest").write_text("1")
+    (folder / "model_config.json").write_text(json.dumps(sat_model_config(model.config), indent=4))
+    return folder
 
 
 LLAMA_PARAMS = {"dim": 32, "n_layers": 1, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}

@@ -20,6 +20,8 @@ SOURCE_FLAGS = {
     "vit": "EVA ViT checkpoint file (minigpt4)",
     "variant": "model variant (minigpt4)",
     "qkv_layout": "ChatGLM fused qkv row order in the source (sat-visualglm)",
+    "lora_as_adapter": "write a fine-tuned SAT checkpoint's LoRA as a peft adapter folder DIR (default: OUT-lora "
+                       "beside --out) instead of merging it (sat-visualglm, sat-cogvlm)",
 }
 
 
@@ -34,6 +36,7 @@ class Loaded:
     family: object  # hub_export.families.Family
     tokenizer: object | None
     notes: list[str] = field(default_factory=list)  # printed with the coverage report and put in the card
+    adapter: object | None = None  # conversion.lora.AdapterPart with --lora-as-adapter
 
 
 class Format:

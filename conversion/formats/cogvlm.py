@@ -22,6 +22,7 @@ from pathlib import Path
 from ...hub_export.families import COGVLM
 
 from ..errors import ConversionError
+from ..lora import adapter_dir, attach_sat_lora
 from ..rules import drop, rename
 from ..sources import (TOKENIZER_FILES, closed_on_error, find_tokenizer, hf_folder_source, load_tokenizer_folder,
                        open_sat_folder, read_json_object, torch_file_source)
@@ -284,6 +285,7 @@ class SatCogVLM(Format):
     help = ("SwissArmyTransformer CogVLM release (--src with latest, <iter>/mp_rank_00_model_states.pt, "
             "model_config.json)")
     required_flags = ("src",)
+    optional_flags = {"lora_as_adapter": None}
 
     def rule_table(self, config) -> list:
         return sat_rules()
@@ -294,13 +296,12 @@ class SatCogVLM(Format):
         if not isinstance(sat.args.get("eva_args"), dict):
             raise ConversionError(f"{sat.where} has no eva_args object: not a CogVLM checkpoint")
         with closed_on_error(torch_file_source(sat.checkpoint, subkey="module")) as source:
-            if any(".matrix_A." in k or ".matrix_B." in k for k in source.keys()):
-                raise ConversionError(f"{sat.checkpoint} has unmerged LoRA adapters: merge them first "
-                                      "(SAT: model.get_mixin('lora').merge_lora(), then save_checkpoint)")
             version = "cogvlm2" if "mixins.eva.conv.weight" in source else "cogvlm"
             tokenizer = load_tokenizer(args.tokenizer, sat.folder)
             config = cogvlm_config(sat.args, version=version, where=sat.where, tokenizer=tokenizer, hf=False)
-        return _loaded(source, self.rule_table(config), config, tokenizer, [sat.describe()], version)
+            loaded = _loaded(source, self.rule_table(config), config, tokenizer, [sat.describe()], version)
+            # fine-tuned checkpoints (finetune_cogvlm_demo.py): LoRA merged or split off as a peft adapter
+            return attach_sat_lora(loaded, source, sat, Path(args.out), adapter_dir(args))
 
 
 class HfCogVLM(Format):

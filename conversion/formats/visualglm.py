@@ -24,7 +24,8 @@ from ...hub_export.families import VISUALGLM
 
 from ..errors import ConversionError
 from ..rules import convert, drop, rename
-from ..sources import find_tokenizer, open_sat_folder, read_json_object, sharded_torch_source, torch_file_source
+from ..lora import adapter_dir, attach_sat_lora
+from ..sources import closed_on_error, find_tokenizer, open_sat_folder, read_json_object, sharded_torch_source, torch_file_source
 from ..validate import MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields, build_config, is_int, raise_if
 from .base import Format, Loaded, existing_dir
 
@@ -305,7 +306,7 @@ class SatVisualGLM(Format):
     help = ("SwissArmyTransformer VisualGLM-6B release (--src with latest, <iter>/mp_rank_00_model_states.pt, "
             "model_config.json)")
     required_flags = ("src",)
-    optional_flags = {"qkv_layout": "blocked"}
+    optional_flags = {"qkv_layout": "blocked", "lora_as_adapter": None}
 
     def rule_table(self, config, qkv_layout: str = "blocked") -> list:
         return sat_rules(qkv_layout, config.text_config.num_attention_heads)
@@ -319,25 +320,16 @@ class SatVisualGLM(Format):
         config = visualglm_config(sat.args, eva_key="eva_args", qformer_key="qformer_args", where=sat.where,
                                   tokenizer=tokenizer, rope_fp16_inv_freq=False)
         source = torch_file_source(sat.checkpoint, subkey="module")
-        _refuse_fine_tuning_leftovers(source, sat.checkpoint)
         notes = [
             sat.describe(),
             f"ChatGLM qkv read as {args.qkv_layout}"
             + (" and interleaved per head" if args.qkv_layout == "blocked" else " (renamed only)"),
             "rotary inv_freq exact in fp32 (rope_fp16_inv_freq=False), as SwissArmyTransformer 0.4.12 computes it",
         ]
-        return _loaded(source, self.rule_table(config, args.qkv_layout), config, tokenizer, notes)
-
-
-def _refuse_fine_tuning_leftovers(source, ckpt: Path):
-    adapters = sorted({k.split(".matrix_")[0] for k in source.keys() if ".matrix_A." in k or ".matrix_B." in k})
-    if adapters or any(k.startswith("mixins.ptuning.") for k in source.keys()):
-        source.close()
-        raise ConversionError(
-            f"{ckpt} is a fine-tuning checkpoint with unmerged "
-            + (f"LoRA adapters ({len(adapters)} layers, e.g. {adapters[0]})" if adapters else "P-tuning prefixes")
-            + ": merge them into the base weights first (SAT: model.get_mixin('lora').merge_lora(), then "
-            "save_checkpoint); P-tuning prefixes cannot be merged and are not supported")
+        with closed_on_error(source):
+            loaded = _loaded(source, self.rule_table(config, args.qkv_layout), config, tokenizer, notes)
+            # fine-tuned checkpoints: LoRA merged or split off as a peft adapter; P-tuning refused (conversion/lora.py)
+            return attach_sat_lora(loaded, source, sat, Path(args.out), adapter_dir(args))
 
 
 class HfVisualGLM(Format):
