@@ -165,3 +165,76 @@ def make_tiny_chatglm_tokenizer(path: str | os.PathLike):
     tokenizer = ChatGLMTokenizer(vocab_file=model_file)
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+# --- tokenizers of the tiny *trained* models (tools/train_tiny.py) ---------------------------------------------
+
+def train_ice_text_like_model_on(lines: list[str], trained_vocab_size: int = 200) -> bytes:
+    """Like :func:`train_ice_text_like_model` (same trainer settings, same appended ice_text pieces), trained on
+    ``lines`` (in the preprocessed form: ``<n>`` for newlines). ``character_coverage`` 1.0: every character of
+    ``lines`` becomes a piece, so the corpus must hold every character the model should read or write."""
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=writer,
+        model_type="unigram",
+        vocab_size=trained_vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        pad_piece="<pad>",
+        user_defined_symbols=["<n>"],
+        num_threads=1,
+        minloglevel=2,
+    )
+    appended = b"".join(_piece_record(p, _TYPE_CONTROL) for p in SPECIAL_PIECES)
+    appended += b"".join(_piece_record(p, _TYPE_USER_DEFINED) for p in WHITESPACE_PIECES)
+    appended += b"".join(_piece_record(f"<0x{b:02X}>", _TYPE_BYTE) for b in range(256))
+    appended += _length_delimited(2, _varint(35 << 3 | 0) + _varint(1))
+    return writer.getvalue() + appended
+
+
+def make_chatglm_tokenizer_from_corpus(path: str | os.PathLike, lines: list[str], trained_vocab_size: int = 200):
+    """An ice_text-like ``ice_text.model`` trained on ``lines``, saved as a tokenizer folder at ``path``; returns the
+    loaded ``ChatGLMTokenizer``."""
+    from modeling_visualglm.tokenization_chatglm import ChatGLMTokenizer
+
+    os.makedirs(path, exist_ok=True)
+    model_file = os.path.join(os.fspath(path), VOCAB_FILE)
+    with open(model_file, "wb") as f:
+        f.write(train_ice_text_like_model_on(lines, trained_vocab_size))
+    tokenizer = ChatGLMTokenizer(vocab_file=model_file)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def train_llama_like_model(path: str | os.PathLike, lines: list[str], vocab_size: int = 400) -> str:
+    """A LLaMA-format SentencePiece model (BPE, byte fallback, ids 0-2 = ``<unk> <s> </s>``, no pad, identity
+    normalization, dummy prefix) trained on ``lines``, written as ``path/tokenizer.model``; returns the file path."""
+    os.makedirs(path, exist_ok=True)
+    prefix = os.path.join(os.fspath(path), "tokenizer")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True, num_threads=1)
+    os.remove(prefix + ".vocab")
+    return prefix + ".model"
+
+
+def llama_tokenizer_from_model(model_file: str | os.PathLike, tokenizer_class=None, **kwargs):
+    """transformers' tokenizers-backed ``LlamaTokenizer`` (or ``tokenizer_class``) for a LLaMA-format SentencePiece
+    model, built without protobuf: pieces and scores through ``SentencePieceProcessor``, merges rebuilt with
+    transformers' ``generate_merges``."""
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    if tokenizer_class is None:
+        from transformers import LlamaTokenizer as tokenizer_class
+    sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
+    merges = generate_merges(vocab, scores, skip_tokens={"<unk>", "<s>", "</s>"})
+    return tokenizer_class(vocab=vocab, merges=merges, **kwargs)
