@@ -2,8 +2,12 @@
 
 import copy
 import math
+import os
 
+import pytest
+import sentencepiece as spm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def enable_checkpointing(model):
@@ -102,3 +106,53 @@ def sat_vit_to_ours(sat_sd: dict, extra_renames: dict | None = None) -> dict:
         else:
             raise AssertionError(f"unmapped SAT key {key}")
     return out
+
+
+# --- host syncs -----------------------------------------------------------------------------------------------
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts device → host reads (``.item()``/``bool()``/``int()`` go through ``_local_scalar_dense``) and
+    data-dependent shapes (``nonzero``); with ``count_tolist``, ``tolist()`` too (on CPU it reads memory without
+    dispatching an op, so it is counted by patching)."""
+
+    def __init__(self, count_tolist: bool = False):
+        super().__init__()
+        self.syncs = []
+        self.count_tolist = count_tolist
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        if self.count_tolist:
+            self._tolist = torch.Tensor.tolist
+            counter = self
+
+            def tolist(tensor):
+                counter.syncs.append("tolist")
+                return counter._tolist(tensor)
+
+            torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.count_tolist:
+            torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+# --- the tiny ChatGLM tokenizer (fixtures: import them into a test module to use them) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def sp(tiny_tokenizer_dir):
+    """The tiny ice_text SentencePiece model itself."""
+    return spm.SentencePieceProcessor(model_file=os.path.join(tiny_tokenizer_dir, "ice_text.model"))
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer):
+    return tiny_tokenizer

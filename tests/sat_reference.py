@@ -57,3 +57,40 @@ def import_sat():
             else:
                 sys.modules[k] = v
     return sat
+
+
+def blip2_sat_classes():
+    """THUDM/VisualGLM-6B @e314fb9 ``model/blip2.py``'s two SAT models, as (EVAViT, QFormer) classes: the ViTModel
+    whose ``cls`` mixin is swapped for BLIP-2's ``ln_vision`` (``nn.LayerNorm(hidden)``, eps 1e-5, on all tokens),
+    and the BaseModel with exact GELU, no position embeddings and an identity ``final_forward``. Skips the calling
+    test without SAT."""
+    import_sat()
+    from sat.model import BaseMixin, BaseModel, ViTModel
+    from torch import nn
+
+    class LnVision(BaseMixin):
+        def __init__(self, hidden_size):
+            super().__init__()
+            self.ln_vision = nn.LayerNorm(hidden_size)
+
+        def final_forward(self, logits, **kw_args):
+            return self.ln_vision(logits)
+
+    class EVAViT(ViTModel):
+        def __init__(self, args):
+            super().__init__(args)
+            self.del_mixin("cls")
+            self.add_mixin("cls", LnVision(args.hidden_size))
+
+    class QFormer(BaseModel):
+        def __init__(self, args):
+            super().__init__(args, activation_func=nn.functional.gelu)
+            self.transformer.position_embeddings = None
+
+        def final_forward(self, logits, **kw_args):
+            return logits
+
+        def position_embedding_forward(self, position_ids, **kw_args):
+            return None
+
+    return EVAViT, QFormer

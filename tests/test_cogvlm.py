@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SyncCounter
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_visualglm.compat import output_cache
 from modeling_visualglm.configuration_cogvlm import CogVLMConfig
@@ -350,47 +350,18 @@ def test_static_cache_generation_equals_dynamic(tokenizer):
     assert rel_err(torch.stack(static.logits, 1), torch.stack(dynamic.logits, 1)) <= TOL
 
 
-class _SyncCounter(TorchDispatchMode):
-    """Counts device → host reads: ``item()``/``bool()``/``int()`` (``_local_scalar_dense``), ``nonzero``, and
-    ``tolist()`` (on CPU it reads memory without dispatching an op, so it is counted by patching)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        self._tolist = torch.Tensor.tolist
-        counter = self
-
-        def tolist(tensor):
-            counter.syncs.append("tolist")
-            return counter._tolist(tensor)
-
-        torch.Tensor.tolist = tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
-
-
 @torch.no_grad()
 def test_one_host_sync_per_prefill_none_per_decode(tokenizer):
     model = get_model(tokenizer, "cogvlm2")
     ids = torch.tensor([chat_ids(model, tokenizer, "what is this")])
     pv = pixels(model, make_image(7))
-    counter = _SyncCounter()
+    counter = SyncCounter(count_tolist=True)
     with counter:
         out = model(input_ids=ids, pixel_values=pv)
     assert len(counter.syncs) == 1, counter.syncs  # checks + routing split, read together
     nxt = out.logits[:, -1:].argmax(-1)
     pos = cogvlm_position_ids(ids == model.config.image_token_id)[:, -1:] + 1
-    counter = _SyncCounter()
+    counter = SyncCounter(count_tolist=True)
     with counter:
         model(input_ids=nxt, position_ids=pos, cache=output_cache(out))
     assert counter.syncs == []
@@ -398,13 +369,13 @@ def test_one_host_sync_per_prefill_none_per_decode(tokenizer):
     # a ragged, left-padded batch: the padding mask must not add host reads either
     rows = [(q, t, make_image(s) if s is not None else None) for q, t, s in RAGGED]
     batch = _batch(model, tokenizer, rows)
-    counter = _SyncCounter()
+    counter = SyncCounter(count_tolist=True)
     with counter:
         out = model(**batch)
     assert len(counter.syncs) == 1, counter.syncs
     mask = torch.cat([batch["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
     pos = cogvlm_position_ids(batch["input_ids"] == model.config.image_token_id, batch["attention_mask"])[:, -1:] + 1
-    counter = _SyncCounter()
+    counter = SyncCounter(count_tolist=True)
     with counter:
         model(input_ids=out.logits[:, -1:].argmax(-1), position_ids=pos, attention_mask=mask,
               cache=output_cache(out))

@@ -16,7 +16,7 @@ from torch import nn
 from modeling_visualglm.configuration_blocks import EvaVisionConfig
 from modeling_visualglm.eva_vit import EvaVisionModel
 
-from sat_reference import import_sat
+from sat_reference import blip2_sat_classes
 
 HIDDEN, HEADS, INTER, LAYERS, IMAGE, PATCH = 32, 4, 80, 2, 56, 14
 
@@ -50,23 +50,9 @@ def build_sat_evavit():
     ``nn.LayerNorm(hidden)`` (default eps 1e-5) named ``ln_vision`` to all tokens, and feeds one dummy id
     (the CLS lookup), no position ids and an all-ones [[1.]] mask.
     """
-    import_sat()
-    from sat.model import BaseMixin, ViTModel
+    EVAViT, _ = blip2_sat_classes()
 
-    class LnVision(BaseMixin):
-        def __init__(self, hidden_size):
-            super().__init__()
-            self.ln_vision = nn.LayerNorm(hidden_size)
-
-        def final_forward(self, logits, **kw_args):
-            return self.ln_vision(logits)
-
-    class SatEvaViT(ViTModel):
-        def __init__(self, args):
-            super().__init__(args)
-            self.del_mixin("cls")
-            self.add_mixin("cls", LnVision(args.hidden_size))
-
+    class SatEvaViT(EVAViT):
         def forward(self, image):
             ids = torch.zeros(image.shape[0], 1, dtype=torch.long)
             mask = torch.tensor([[1.0]], dtype=image.dtype)

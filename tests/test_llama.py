@@ -10,9 +10,8 @@ import math
 
 import pytest
 import torch
-from helpers import enable_checkpointing, randomize_fan_in_, rel_err
+from helpers import SyncCounter, enable_checkpointing, randomize_fan_in_, rel_err
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_visualglm.compat import output_cache
@@ -276,44 +275,30 @@ def test_each_token_runs_one_expert():
     calls.remove()
 
 
-class _SyncCounter(TorchDispatchMode):
-    """Counts device → host reads (``.item()``/``bool()``/``int()`` go through ``_local_scalar_dense``) and
-    data-dependent shapes (``nonzero``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @torch.no_grad()
 def test_host_syncs():
     model = build("v2", seed=16)
     ids = random_ids(10, seed=17)[None]
-    counter = _SyncCounter()
+    counter = SyncCounter()
     with counter:
         out = model(ids, vision_expert_mask=image_mask(10, 1, 5)[None])
     assert len(counter.syncs) == 1, counter.syncs  # the routing split size, once per prefill
-    counter = _SyncCounter()
+    counter = SyncCounter()
     with counter:
         model(random_ids(1, seed=18)[None], cache=output_cache(out))
     assert counter.syncs == []  # decode: language expert only, static shapes
-    counter = _SyncCounter()
+    counter = SyncCounter()
     with counter:
         model(ids)  # text-only prefill
     assert counter.syncs == []
     # left padding: transformers' all-ones shortcut on the padding mask would read it on the host every step
     ids2, attn, vis = left_pad([random_ids(10, seed=19), random_ids(6, seed=20)],
                                [image_mask(10, 1, 5), image_mask(6, 1, 3)])
-    counter = _SyncCounter()
+    counter = SyncCounter()
     with counter:
         out = model(ids2, attention_mask=attn, vision_expert_mask=vis)
     assert len(counter.syncs) == 1, counter.syncs
-    counter = _SyncCounter()
+    counter = SyncCounter()
     with counter:
         model(random_ids(2, seed=21)[:, None], attention_mask=torch.cat([attn, torch.ones(2, 1, dtype=torch.long)], 1),
               cache=output_cache(out))

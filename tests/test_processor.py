@@ -20,13 +20,13 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from helpers import sp, tok  # noqa: F401 - pytest fixtures
 from modeling_visualglm.hub_export.families import FAMILIES
 from modeling_visualglm import image_processing_visualglm, processing_visualglm
 from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
@@ -59,16 +59,6 @@ from modeling_visualglm.tools.tiny_models import demo_image_path
 DEMO = Path(demo_image_path())
 SPEC_MEAN = (0.48145466, 0.4578275, 0.40821073)
 SPEC_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@pytest.fixture(scope="module")
-def sp(tiny_tokenizer_dir):
-    return spm.SentencePieceProcessor(model_file=os.path.join(tiny_tokenizer_dir, "ice_text.model"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer):
-    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

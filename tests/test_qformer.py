@@ -15,7 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from modeling_visualglm.configuration_blocks import QFormerConfig
 from modeling_visualglm.qformer import QFormerModel
 
-from sat_reference import import_sat
+from sat_reference import blip2_sat_classes
 
 HIDDEN, HEADS, INTER, LAYERS, QUERIES, ENC, ENC_LEN = 32, 4, 64, 2, 8, 48, 17
 
@@ -57,20 +57,9 @@ def build_sat_qformer():
     returning None (no positions), identity ``final_forward`` (no LM head), input ids 0..Q-1 (the query
     table), all-ones [[1.]] self and cross masks.
     """
-    import_sat()
-    from sat.model import BaseModel
+    _, QFormer = blip2_sat_classes()
 
-    class SatQFormer(BaseModel):
-        def __init__(self, args):
-            super().__init__(args, activation_func=nn.functional.gelu)
-            self.transformer.position_embeddings = None
-
-        def final_forward(self, logits, **kw_args):
-            return logits
-
-        def position_embedding_forward(self, position_ids, **kw_args):
-            return None
-
+    class SatQFormer(QFormer):
         def forward(self, encoder_outputs):
             ids = torch.arange(QUERIES).unsqueeze(0).expand(encoder_outputs.shape[0], -1)
             ones = torch.tensor([[1.0]], dtype=encoder_outputs.dtype)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from helpers import sp, tok  # noqa: F401 - pytest fixtures
 from modeling_visualglm import tokenization_chatglm
 from modeling_visualglm.tokenization_chatglm import ChatGLMTokenizer
 from tiny_tokenizer import SPECIAL_PIECES, WHITESPACE_PIECES, make_tiny_chatglm_tokenizer
@@ -27,16 +28,6 @@ def original_preprocess(text: str) -> str:
     for k in range(80, 1, -1):
         text = text.replace(" " * k, f"<|blank_{k}|>")
     return text
-
-
-@pytest.fixture(scope="module")
-def sp(tiny_tokenizer_dir):
-    return spm.SentencePieceProcessor(model_file=os.path.join(tiny_tokenizer_dir, "ice_text.model"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer):
-    return tiny_tokenizer
 
 
 TEXTS = [

@@ -10,11 +10,10 @@ a CONTROL piece from text) or from the tokenizer with ``split_special_tokens=Tru
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
-import sentencepiece as spm
 import torch
+from helpers import sp  # noqa: F401 - pytest fixture
 from PIL import Image
 
 from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
@@ -47,11 +46,6 @@ LLAMA_CONTROLS = ["<s>", "</s>", "<unk>"]
 
 def make_image(size=56):
     return Image.new("RGB", (size, size), (200, 30, 30))
-
-
-@pytest.fixture(scope="module")
-def sp(tiny_tokenizer_dir):
-    return spm.SentencePieceProcessor(model_file=os.path.join(tiny_tokenizer_dir, "ice_text.model"))
 
 
 @pytest.fixture(scope="module")

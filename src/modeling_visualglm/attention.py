@@ -1,9 +1,12 @@
-"""Attention shared by every block: the eager reference kernel, rotary-embedding helpers, and the decoder loop.
+"""Attention shared by every block: the eager reference kernel, the attention base classes, rotary-embedding
+helpers, and the decoder plumbing that ChatGLM and LLaMA share (layer loop, cache, outputs).
 
-All attention layers call ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
-eager_attention_forward)`` so SDPA (default), flash and flex kernels plug in without code changes; the
-eager function here is the reference they are tested against. Tensors are batch-first:
-query (B, nh, Tq, hd), key/value (B, nkv, Tk, hd); the result is (B, Tq, nh, hd).
+Every attention layer subclasses ``DispatchedAttention``, whose ``attend`` calls
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``, so SDPA
+(default), flash and flex kernels plug in without code changes; the eager function here is the reference they are
+tested against. (transformers 5.x's ``set_attn_implementation`` looks for that call in the source of a module that
+defines an ``*Attention*(nn.Module)`` class: this one does; the blocks' attention classes subclass it.) Tensors are
+batch-first: query (B, nh, Tq, hd), key/value (B, nkv, Tk, hd); the result is (B, Tq, nh, hd).
 
 Masks follow transformers' convention: a boolean mask is True where attention is allowed, a float
 mask is added to the scores; either broadcasts to (B, 1|nh, Tq, Tk).
@@ -12,6 +15,13 @@ mask is added to the scores; either broadcasts to (B, 1|nh, Tq, Tk).
 from typing import Optional
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .compat import ALL_ATTENTION_FUNCTIONS, cache_kwargs, cache_update_kwargs, init, pick_cache
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -83,3 +93,191 @@ def run_decoder_layers(layers, final_norm, hidden_states: torch.Tensor, output_h
     if output_hidden_states:
         all_hidden_states += (hidden_states,)
     return hidden_states, all_hidden_states
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention modules
+# ---------------------------------------------------------------------------------------------------
+
+
+class DispatchedAttention(nn.Module):
+    """Base of every attention layer: the fields transformers' kernels read from the module (``config``,
+    ``scaling``, ``is_causal``, ``attention_dropout``) and ``attend``, which runs the kernel that
+    ``config._attn_implementation`` names: query (B, nh, Tq, hd), key/value (B, nkv, Tk, hd) → (B, Tq, nh, hd)."""
+
+    def __init__(self, config, is_causal: bool = False):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = is_causal
+        self.attention_dropout = config.attention_dropout
+
+    def attend(self, query, key, value, attention_mask, **kwargs):
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # (B, Tq, nh, hd), weights or None
+
+    def attend_cached(self, query, key, value, attention_mask, cache=None, cache_update=None, **kwargs):
+        """``attend`` after appending key/value to ``cache`` (a decoder's): (B, T, nh * hd), weights."""
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, **(cache_update or {}))  # see compat.py
+        attn_output, attn_weights = self.attend(query, key, value, attention_mask, **kwargs)
+        return attn_output.reshape(*attn_output.shape[:2], -1).contiguous(), attn_weights
+
+
+class BlockedSelfAttention(DispatchedAttention):
+    """Full (unmasked) multi-head self-attention with SAT's fused, blocked [Q; K; V] projection (EVA ViT,
+    Q-Former): rows [0, H) are Q, [H, 2H) K, [2H, 3H) V, heads split inside each block. (B, T, H) → (B, T, H)."""
+
+    def __init__(self, config, qkv_bias: bool = True):
+        super().__init__(config)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=qkv_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.query_key_value(hidden_states).view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, T, 3, nh, hd)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
+        attn_output, _ = self.attend(query, key, value, None, **kwargs)  # (B, T, nh, hd)
+        return self.dense(attn_output.reshape(batch_size, seq_len, -1))
+
+
+class DenseMLP(nn.Module):
+    """SAT's two-layer MLP (EVA ViT, Q-Former, ChatGLM): dense_h_to_4h → ``config.hidden_act`` → dense_4h_to_h, no
+    gating. (…, H) → (…, H)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(hidden_states)))
+
+
+class RotaryEmbedding(nn.Module):
+    """Base of the decoders' rotary tables: a non-persistent fp32 ``inv_freq`` from ``compute_inv_freq(config)``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config) -> torch.Tensor:
+        raise NotImplementedError
+
+    def angles(self, position_ids: torch.LongTensor) -> torch.Tensor:
+        """positions (...) → fp32 angles (..., len(inv_freq))."""
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            # model.half()/.to(bf16) also casts buffers; a rounded inv_freq would silently change the model
+            inv_freq = self.compute_inv_freq(self.config)
+        return position_ids[..., None].float() * inv_freq.to(position_ids.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoder models
+# ---------------------------------------------------------------------------------------------------
+
+
+class BlockPreTrainedModel(PreTrainedModel):
+    """The transformers class attributes every model of this folder shares: no base-model prefix (a block is an
+    attribute of the family model), gradient checkpointing, SDPA and the attention-backend registry."""
+
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+
+class TextPreTrainedModel(BlockPreTrainedModel):
+    """What the language models and the family models add: ids in, a cache that accelerate leaves in place, and no
+    flash / flex attention. ChatGLM's mask is a bidirectional prefix followed by a causal tail (flash takes only
+    causal/full + padding; flex would need a BlockMask from the block positions), and transformers' flash / flex
+    paths read packed sequences from position_ids when no mask is given, which CogVLM's repeated image positions
+    (bos 0, boi 1, patches 2, eoi 3) would misread; SDPA and eager take the explicit masks the blocks build."""
+
+    main_input_name = "input_ids"
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+
+class DecoderPreTrainedModel(TextPreTrainedModel):
+    """Base of the language models (ChatGLM, LLaMA with experts): the rotary buffer's init, and ``forward``:
+    embeddings → ``layers`` → ``final_norm`` → ``BaseModelOutputWithPast``.
+
+    A subclass sets ``layers``, ``final_norm`` and ``rotary_emb`` and writes ``layer_inputs`` (its positions, mask
+    and rotary tables: everything its layers take besides the cache).
+    """
+
+    # the output carries a given cache even under use_cache=False (ChatGLM) or only under use_cache (LLaMA)
+    output_cache_without_use_cache = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            # a non-persistent buffer: after meta-device loading only this recomputation fills it
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+
+    def check_input_kinds(self, input_ids, inputs_embeds) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+
+    def layer_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs) -> dict:
+        """The layers' keyword arguments besides the cache (may take the subclass's own entries out of ``kwargs``)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache=None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """ids (B, T) / embeddings (B, T, H) → last_hidden_state (B, T, H) after ``final_norm``, plus the cache;
+        ``attention_mask``, ``position_ids`` and the subclass's own arguments: see its ``layer_inputs``."""
+        self.check_input_kinds(input_ids, inputs_embeds)
+        cache = pick_cache(cache, past_key_values)
+        kwargs.pop("cache_position", None)  # transformers 4.57.x generate() passes it; positions come from the cache
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        layer_kwargs = self.layer_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs)
+        cache_update = cache_update_kwargs(cache, inputs_embeds.shape[1], inputs_embeds.device)
+        hidden_states, all_hidden_states = run_decoder_layers(
+            self.layers, self.final_norm, inputs_embeds, output_hidden_states, cache=cache, cache_update=cache_update,
+            **layer_kwargs, **kwargs,
+        )
+
+        output_cache = cache if use_cache or self.output_cache_without_use_cache else None
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **cache_kwargs(output_cache)
+        )
+        return output if return_dict else output.to_tuple()

@@ -1,4 +1,5 @@
-"""Chat helpers shared by every family: history checks, logits guards, and streaming ``generate``.
+"""Chat helpers shared by every family: history checks, logits guards, streaming ``generate``, and the text and
+batching steps the processors share (user text encoded as text, prompt lists, left padding, keyword checks).
 
 ``stream_generate`` runs ``model.generate`` in a worker thread with a streamer that hands each step's new
 token ids to the caller, which decodes the growing answer (the ``stream_chat`` API of THUDM's ChatGLM
@@ -177,3 +178,84 @@ def stream_generate(model, decode: Callable[[list], str], **generate_kwargs) -> 
     thread.join()
     if errors:
         raise errors[0]
+
+
+# --- processors ------------------------------------------------------------------------------------------------
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` with every special-token string in it read as plain text (no bos/eos added)."""
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    # a tokenizer whose model still merges text into a control token would break the guarantee: refuse it
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    leaked = sorted({i for i in ids if i in specials})
+    if leaked:
+        raise ValueError(f"the tokenizer encoded text to special id(s) {leaked}; it cannot keep user text as text")
+    return ids
+
+
+def prompt_list(text) -> list[str]:
+    """A processor's ``text`` (one prompt or a list) as a non-empty list of strings."""
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("text must be a string or a non-empty list of strings")
+    return texts
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> dict:
+    """Rows of ids → ``input_ids`` left-padded with ``pad_token_id`` to the longest row, and ``attention_mask``."""
+    width = max(len(r) for r in rows)
+    return {
+        "input_ids": [[pad_token_id] * (width - len(r)) + r for r in rows],
+        "attention_mask": [[0] * (width - len(r)) + [1] * len(r) for r in rows],
+    }
+
+
+def image_kwargs_of(kwargs: dict, ignored: tuple, processor: str) -> dict:
+    """The image processor's keyword arguments among a processor call's ``kwargs`` (``images_kwargs``, ``size``);
+    ``ignored`` ones are dropped, anything else raises."""
+    image_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+    if "size" in kwargs:
+        image_kwargs["size"] = kwargs.pop("size")
+    unknown = sorted(k for k in kwargs if k not in ignored)
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}; {processor} takes images, text, return_tensors, size "
+                        "(a pipeline passes its unknown keywords here: give generate() options as generate_kwargs=)")
+    return image_kwargs
+
+
+# --- chat templates (Jinja) ------------------------------------------------------------------------------------
+def jinja_string(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# The text of a message: a string, or the "text" blocks of a list of {"type": "text"|"image", ...} blocks.
+JINJA_TEXT_OF = (
+    "{%- macro text_of(message) -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'text' -%}{{ block['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+# Inside a loop over the messages: add the message's image blocks to ns.images.
+JINJA_COUNT_IMAGES = (
+    "{%- if message['content'] is not string -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+)
+
+
+def jinja_check_roles(model_name: str) -> str:
+    """Jinja for inside a loop over the messages: only user and assistant messages, alternating from user."""
+    return (
+        "{%- if message['role'] not in ['user', 'assistant'] -%}"
+        "{{ raise_exception('" + model_name
+        + " knows only user and assistant messages, got role ' + message['role']) }}"
+        "{%- endif -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('messages must alternate user/assistant, starting with user') }}"
+        "{%- endif -%}"
+    )

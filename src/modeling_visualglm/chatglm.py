@@ -32,14 +32,12 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq, run_decoder_layers
-from .compat import ALL_ATTENTION_FUNCTIONS, cache_kwargs, cache_update_kwargs, init, kv_length, pick_cache
+from .attention import (
+    DecoderPreTrainedModel, DenseMLP, DispatchedAttention, RotaryEmbedding, apply_rotary, rotary_inv_freq,
+)
+from .compat import kv_length
 from .configuration_blocks import ChatGLMConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,61 +158,43 @@ def chatglm_prefix_lm_mask(
 # ---------------------------------------------------------------------------------------------------
 
 
-class ChatGLMRotaryEmbedding(nn.Module):
+class ChatGLMRotaryEmbedding(RotaryEmbedding):
     """2D rotary tables: (B, 2, T) positions → cos, sin of shape (B, 1, T, head_dim), where the first half
     of head_dim follows the position ids and the second half the block position ids."""
 
-    def __init__(self, config: ChatGLMConfig):
-        super().__init__()
-        self.config = config
-        # each half of a head is its own rotary space of size head_dim / 2
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
-
     @staticmethod
     def compute_inv_freq(config: ChatGLMConfig) -> torch.Tensor:
+        # each half of a head is its own rotary space of size head_dim / 2
         return rotary_inv_freq(config.head_dim // 2, config.rope_theta, fp16_round=config.rope_fp16_inv_freq)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype):
         # fp32 angles like SAT 0.4.12; THUDM-HF builds them in the model dtype (fp16), which drifts at long range
-        inv_freq = self.inv_freq
-        if inv_freq.dtype != torch.float32:
-            # model.half()/.to(bf16) also casts buffers; a rounded inv_freq would silently change the model
-            inv_freq = self.compute_inv_freq(self.config)
-        inv_freq = inv_freq.to(position_ids.device)
-        freqs = position_ids[..., None].float() * inv_freq  # (B, 2, T, hd/4)
+        freqs = self.angles(position_ids)  # (B, 2, T, hd/4)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, 2, T, hd/2)
         emb = torch.cat((emb[:, 0], emb[:, 1]), dim=-1)[:, None]  # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-class ChatGLMMLP(nn.Module):
-    """(B, T, H) → (B, T, H): dense_h_to_4h → tanh-GELU → dense_4h_to_h (no gating despite THUDM's "GLU")."""
-
-    def __init__(self, config: ChatGLMConfig):
-        super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = ACT2FN[config.hidden_act]
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(hidden_states)))
+def apply_2d_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM's 2D RoPE on x (B, nh, T, hd): each half of a head rotates with its half of the (B, 1, T, hd) tables."""
+    half = x.shape[-1] // 2
+    return torch.cat(
+        (apply_rotary(x[..., :half], cos[..., :half], sin[..., :half]),
+         apply_rotary(x[..., half:], cos[..., half:], sin[..., half:])),
+        dim=-1,
+    )
 
 
-class ChatGLMAttention(nn.Module):
+class ChatGLMAttention(DispatchedAttention):
     """Self-attention with fused head-interleaved qkv and 2D rotary: (B, T, H) → (B, T, H)."""
 
     def __init__(self, config: ChatGLMConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
-        self.num_key_value_groups = 1
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
         # the mask always carries the structure (bidirectional prefix, causal after <sop>); kernels must never
         # substitute a plain causal mask
-        self.is_causal = False
+        super().__init__(config, is_causal=False)
+        self.layer_idx = layer_idx
+        self.num_key_value_groups = 1
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.num_attention_heads * self.head_dim)
         self.dense = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size)
 
@@ -223,45 +203,16 @@ class ChatGLMAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
-        cache: Optional[Cache] = None,
-        cache_update: Optional[dict] = None,
         **kwargs,
     ):
+        """``kwargs``: ``cache``, ``cache_update`` (see ``attend_cached``) and the kernel's."""
         input_shape = hidden_states.shape[:-1]
         # interleaved per head, so -1 heads also works on a tensor-parallel shard of whole heads
         qkv = self.query_key_value(hidden_states).view(*input_shape, -1, 3 * self.head_dim)  # (B, T, nh, 3hd)
         query, key, value = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, nh, T, hd) each
-
         cos, sin = position_embeddings  # (B, 1, T, hd)
-        half = self.head_dim // 2
-        query = torch.cat(
-            (apply_rotary(query[..., :half], cos[..., :half], sin[..., :half]),
-             apply_rotary(query[..., half:], cos[..., half:], sin[..., half:])),
-            dim=-1,
-        )
-        key = torch.cat(
-            (apply_rotary(key[..., :half], cos[..., :half], sin[..., :half]),
-             apply_rotary(key[..., half:], cos[..., half:], sin[..., half:])),
-            dim=-1,
-        )
-
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, **(cache_update or {}))  # see compat.py
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )  # (B, T, nh, hd)
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        query, key = apply_2d_rotary(query, cos, sin), apply_2d_rotary(key, cos, sin)
+        attn_output, attn_weights = self.attend_cached(query, key, value, attention_mask, **kwargs)
         return self.dense(attn_output), attn_weights
 
 
@@ -274,50 +225,22 @@ class ChatGLMBlock(GradientCheckpointingLayer):
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = ChatGLMAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = ChatGLMMLP(config)
+        self.mlp = DenseMLP(config)  # tanh-GELU; no gating despite THUDM's "GLU"
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        cache: Optional[Cache] = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``kwargs``: the attention's (``position_embeddings``, ``attention_mask``, ``cache``, ...)."""
         attn_input = self.input_layernorm(hidden_states)
-        attn_output, _ = self.attention(
-            attn_input,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            cache=cache,
-            **kwargs,
-        )
+        attn_output, _ = self.attention(attn_input, **kwargs)
         hidden_states = self.alpha * attn_input + attn_output
         mlp_input = self.post_attention_layernorm(hidden_states)
         return self.alpha * mlp_input + self.mlp(mlp_input)
 
 
-class ChatGLMPreTrainedModel(PreTrainedModel):
-    """Weights init and the transformers class attributes shared by ChatGLM models."""
+class ChatGLMPreTrainedModel(DecoderPreTrainedModel):
+    """The transformers class attributes of ChatGLM models (flash and flex stay off: see the base)."""
 
     config_class = ChatGLMConfig
-    base_model_prefix = ""
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["ChatGLMBlock"]
-    _skip_keys_device_placement = ["cache", "past_key_values"]
-    _supports_sdpa = True
-    # flash kernels take only causal/full attention plus padding, not a bidirectional prefix followed by a
-    # causal tail; flex would need a BlockMask built from the block positions (not done)
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = True
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, ChatGLMRotaryEmbedding):
-            # a non-persistent buffer: after meta-device loading only this recomputation fills it
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -333,25 +256,22 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self.final_layernorm
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.word_embeddings
 
     def set_input_embeddings(self, value: nn.Embedding):
         self.word_embeddings = value
 
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        cache: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        past_key_values: Optional[Cache] = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
+    def check_input_kinds(self, input_ids, inputs_embeds) -> None:
+        # both may be given: the embeddings are used and the ids only locate <sop> / [gMASK] for the positions
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+
+    def layer_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs) -> dict:
         """
         input_ids (B, T) and/or inputs_embeds (B, T, H): when both are given the embeddings are used and the
             ids only locate ``<sop>`` / ``[gMASK]`` for the positions.
@@ -362,37 +282,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         The whole prefix (everything before ``<sop>``) must be in one forward call: its bidirectional attention
             is decided per call, so a prefix split across calls would see only its earlier part.
         """
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("pass input_ids or inputs_embeds")
-        cache = pick_cache(cache, past_key_values)
-        kwargs.pop("cache_position", None)  # transformers 4.57.x generate() passes it; positions come from the cache
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
-
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
         position_ids = self._position_ids(position_ids, input_ids, attention_mask, cache)
         mask = self._attention_mask(attention_mask, position_ids, cache, inputs_embeds.shape[1])
-
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
-        cache_update = cache_update_kwargs(cache, inputs_embeds.shape[1], inputs_embeds.device)
-        hidden_states, all_hidden_states = run_decoder_layers(
-            self.layers, self.final_layernorm, inputs_embeds, output_hidden_states,
-            position_embeddings=position_embeddings, attention_mask=mask, cache=cache, cache_update=cache_update,
-            **kwargs,
-        )
-
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            **cache_kwargs(cache),
-        )
-        return output if return_dict else output.to_tuple()
+        return {"position_embeddings": position_embeddings, "attention_mask": mask}
 
     def _position_ids(self, position_ids, input_ids, attention_mask, cache) -> torch.LongTensor:
         """The given (B, 2, T) positions, checked; or, at prefill, derived from ``input_ids`` after checking that

@@ -28,8 +28,9 @@ class _AttentionFunctions:
         return _ALL_ATTENTION_FUNCTIONS[attn_implementation]
 
 
-# The blocks call `ALL_ATTENTION_FUNCTIONS.get_interface(...)` literally: transformers 5.x lets
-# `set_attn_implementation` switch a model only when its source contains that call.
+# attention.py calls `ALL_ATTENTION_FUNCTIONS.get_interface(...)` literally (`DispatchedAttention.attend`): transformers
+# 5.x lets `set_attn_implementation` switch a model whose module defines an `*Attention*(nn.Module)` class only when
+# that source contains the call; the blocks' attention classes subclass `DispatchedAttention` instead.
 ALL_ATTENTION_FUNCTIONS = (
     _ALL_ATTENTION_FUNCTIONS if hasattr(_ALL_ATTENTION_FUNCTIONS, "get_interface") else _AttentionFunctions()
 )

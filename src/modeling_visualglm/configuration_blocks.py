@@ -10,6 +10,21 @@ No torch import here: configs must load without building a model.
 from transformers import PretrainedConfig
 
 
+def sub_config(cls, value, default: dict | None = None):
+    """A composite config's sub-config: ``value`` as is when it is a config, ``cls(**value)`` for a dict, and
+    ``cls(**default)`` (no arguments without a default) for None."""
+    if value is None:
+        value = dict(default or {})
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def with_text_token_ids(text_config, kwargs: dict) -> dict:
+    """A composite config's ``kwargs`` with bos/eos/pad ids defaulting to its language model's."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        kwargs.setdefault(key, getattr(text_config, key))
+    return kwargs
+
+
 class EvaVisionConfig(PretrainedConfig):
     """EVA-CLIP ViT tower (BLIP-2 ViT-g variant: CLS token, learned positions, pre-LN blocks).
 

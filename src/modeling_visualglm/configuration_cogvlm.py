@@ -10,7 +10,7 @@ No torch import here.
 
 from transformers import PretrainedConfig
 
-from .configuration_blocks import EvaVisionConfig, LlamaExpertConfig
+from .configuration_blocks import EvaVisionConfig, LlamaExpertConfig, sub_config, with_text_token_ids
 
 VERSIONS = ("cogvlm", "cogvlm2")
 
@@ -70,16 +70,8 @@ class CogVLMConfig(PretrainedConfig):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.version = version
-        if vision_config is None:
-            vision_config = default_vision_config(version)
-        if isinstance(vision_config, dict):
-            vision_config = EvaVisionConfig(**vision_config)
-        if text_config is None:
-            text_config = default_text_config(version)
-        if isinstance(text_config, dict):
-            text_config = LlamaExpertConfig(**text_config)
-        self.vision_config = vision_config
-        self.text_config = text_config
+        self.vision_config = vision_config = sub_config(EvaVisionConfig, vision_config, default_vision_config(version))
+        self.text_config = text_config = sub_config(LlamaExpertConfig, text_config, default_text_config(version))
         if not (vision_config.drop_cls_token and vision_config.layernorm_order == "post_sublayer"):
             raise ValueError("CogVLM's tower is EVA2-CLIP-E: layernorm_order='post_sublayer', drop_cls_token=True")
         grid = vision_config.image_size // vision_config.patch_size
@@ -89,10 +81,8 @@ class CogVLMConfig(PretrainedConfig):
         self.adapter_layer_norm_eps = adapter_layer_norm_eps
         self.template_version = template_version
         self.initializer_range = initializer_range
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            kwargs.setdefault(key, getattr(text_config, key))
         # passed to the base class: transformers 4.57.x's sets it (default True) and would override an earlier value
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **with_text_token_ids(self.text_config, kwargs))
 
     @property
     def downsample(self) -> int:

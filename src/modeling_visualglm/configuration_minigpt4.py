@@ -14,7 +14,7 @@ No torch import here.
 
 from transformers import PretrainedConfig
 
-from .configuration_blocks import EvaVisionConfig, LlamaExpertConfig, QFormerConfig
+from .configuration_blocks import EvaVisionConfig, LlamaExpertConfig, QFormerConfig, sub_config, with_text_token_ids
 
 VARIANTS = ("vicuna0", "llama2", "minigptv2")
 # MiniGPT-4 LLaMA-2 / v2 concatenate this many consecutive patch tokens before llama_proj
@@ -26,14 +26,6 @@ MERGE_TOKENS = 4
 _CHAT_ANSWER = dict(max_new_tokens=300, num_beams=1, min_length=1, do_sample=True, top_p=0.9, repetition_penalty=1.0,
                     length_penalty=1.0, temperature=1.0)
 CHAT_DEFAULTS = {"vicuna0": _CHAT_ANSWER, "llama2": _CHAT_ANSWER, "minigptv2": {**_CHAT_ANSWER, "max_new_tokens": 500}}
-
-
-def _sub(cls, value):
-    if value is None:
-        return cls()
-    if isinstance(value, dict):
-        return cls(**value)
-    return value
 
 
 class MiniGPT4Config(PretrainedConfig):
@@ -63,11 +55,11 @@ class MiniGPT4Config(PretrainedConfig):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
-        self.vision_config = _sub(EvaVisionConfig, vision_config)
+        self.vision_config = sub_config(EvaVisionConfig, vision_config)
         # ln_vision is part of every variant (LLaMA-2 / v2 keep its fresh init: weight 1, bias 0)
         self.vision_config.use_post_layernorm = True
         if variant == "vicuna0":
-            self.qformer_config = _sub(QFormerConfig, qformer_config)
+            self.qformer_config = sub_config(QFormerConfig, qformer_config)
             self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         else:
             if qformer_config is not None:
@@ -75,17 +67,15 @@ class MiniGPT4Config(PretrainedConfig):
             self.qformer_config = None
             if self.vision_config.num_patches % MERGE_TOKENS:
                 raise ValueError(f"{self.vision_config.num_patches} patches are not a multiple of {MERGE_TOKENS}")
-        text = _sub(LlamaExpertConfig, text_config if text_config is not None else {"use_visual_experts": False})
+        text = sub_config(LlamaExpertConfig, text_config, default={"use_visual_experts": False})
         if text.use_visual_experts:
             raise ValueError("MiniGPT-4's language model is a plain LLaMA: text_config.use_visual_experts must be False")
         self.text_config = text
         self.image_token_id = image_token_id
         self.text_config.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            kwargs.setdefault(key, getattr(self.text_config, key))
         # passed to the base class: transformers 4.57.x's sets it (default True) and would override an earlier value
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **with_text_token_ids(self.text_config, kwargs))
 
     @property
     def num_image_tokens(self) -> int:

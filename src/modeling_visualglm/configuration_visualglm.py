@@ -2,7 +2,7 @@
 
 from transformers import PretrainedConfig
 
-from .configuration_blocks import ChatGLMConfig, EvaVisionConfig, QFormerConfig
+from .configuration_blocks import ChatGLMConfig, EvaVisionConfig, QFormerConfig, sub_config, with_text_token_ids
 
 # THUDM's HF chat()/stream_chat() defaults (visualglm-6b modeling_chatglm.py), used by `chat`, `stream_chat` and
 # the CLIs; generation_config.json stays neutral. The original's `max_length=1024` counted the prompt too: here
@@ -10,14 +10,6 @@ from .configuration_blocks import ChatGLMConfig, EvaVisionConfig, QFormerConfig
 # `min_length` keeps its generate() meaning (prompt included), as in the original.
 CHAT_DEFAULTS = dict(max_new_tokens=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100, temperature=0.8,
                      repetition_penalty=1.2)
-
-
-def _sub(cls, value):
-    if value is None:
-        return cls()
-    if isinstance(value, dict):
-        return cls(**value)
-    return value
 
 
 class VisualGLMConfig(PretrainedConfig):
@@ -38,18 +30,16 @@ class VisualGLMConfig(PretrainedConfig):
         initializer_range=0.02,
         **kwargs,
     ):
-        self.vision_config = _sub(EvaVisionConfig, vision_config)
-        self.qformer_config = _sub(QFormerConfig, qformer_config)
-        self.text_config = _sub(ChatGLMConfig, text_config)
+        self.vision_config = sub_config(EvaVisionConfig, vision_config)
+        self.qformer_config = sub_config(QFormerConfig, qformer_config)
+        self.text_config = sub_config(ChatGLMConfig, text_config)
         # the Q-Former cross-attends to the tower's output
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         self.image_token_id = image_token_id
         self.text_config.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            kwargs.setdefault(key, getattr(self.text_config, key))
         # passed to the base class: transformers 4.57.x's sets it (default True) and would override an earlier value
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **with_text_token_ids(self.text_config, kwargs))
 
     @property
     def num_image_tokens(self) -> int:

@@ -31,13 +31,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from .attention import eager_attention_forward
-from .compat import ALL_ATTENTION_FUNCTIONS, init
+from .attention import BlockedSelfAttention, BlockPreTrainedModel, DenseMLP
+from .compat import init
 from .configuration_blocks import EvaVisionConfig
 
 
@@ -72,59 +70,6 @@ class EvaVisionEmbeddings(nn.Module):
         return embeddings + self.position_embedding.to(embeddings.dtype)
 
 
-class EvaAttention(nn.Module):
-    """Full (unmasked) multi-head self-attention with a fused, blocked [Q; K; V] projection.
-
-    (B, T, H) → (B, T, H).
-    """
-
-    def __init__(self, config: EvaVisionConfig):
-        super().__init__()
-        self.config = config
-        self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
-        self.attention_dropout = config.attention_dropout
-        # SAT builds qkv with bias = use_bias or use_qkv_bias, so the EVA checkpoints carry a full
-        # [3H] bias including a K slice (zero in EVA-CLIP, but loaded and applied as stored).
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        batch_size, seq_len, _ = hidden_states.shape
-        # Blocked layout: rows [0, H) are Q, [H, 2H) K, [2H, 3H) V; heads split inside each block.
-        qkv = self.query_key_value(hidden_states).view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, T, 3, nh, hd)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            None,
-            scaling=self.scaling,
-            dropout=self.attention_dropout if self.training else 0.0,
-            **kwargs,
-        )  # (B, T, nh, hd)
-        return self.dense(attn_output.reshape(batch_size, seq_len, -1))
-
-
-class EvaMLP(nn.Module):
-    """dense_h_to_4h → activation (exact erf GELU for EVA) → dense_4h_to_h."""
-
-    def __init__(self, config: EvaVisionConfig):
-        super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(hidden_states)))
-
-
 class EvaVisionLayer(GradientCheckpointingLayer):
     """Transformer block, (B, T, H) → (B, T, H). ``layernorm_order="pre"`` (EVA ViT-g):
     x += Attn(LN1 x); x += MLP(LN2 x). ``"post_sublayer"`` (EVA2-CLIP-E): x += LN1(Attn x); x += LN2(MLP x).
@@ -134,9 +79,11 @@ class EvaVisionLayer(GradientCheckpointingLayer):
         super().__init__()
         self.normalize_output = config.layernorm_order == "post_sublayer"
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = EvaAttention(config)
+        # SAT builds qkv with bias = use_bias or use_qkv_bias, so the EVA checkpoints carry a full [3H] bias
+        # including a K slice (zero in EVA-CLIP, but loaded and applied as stored)
+        self.attention = BlockedSelfAttention(config, qkv_bias=config.qkv_bias)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = EvaMLP(config)
+        self.mlp = DenseMLP(config)  # exact erf GELU for EVA
 
     def attention_branch(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.normalize_output:
@@ -153,16 +100,12 @@ class EvaVisionLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp_branch(hidden_states)
 
 
-class EvaVisionPreTrainedModel(PreTrainedModel):
+class EvaVisionPreTrainedModel(BlockPreTrainedModel):
     config_class = EvaVisionConfig
-    base_model_prefix = ""
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["EvaVisionLayer", "EvaVisionEmbeddings"]
-    _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_attention_backend = True
 
     def _init_weights(self, module):
         super()._init_weights(module)  # Linear / Conv2d: normal(initializer_range), zero bias; LayerNorm: 1, 0

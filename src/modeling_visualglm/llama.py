@@ -38,14 +38,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .attention import apply_rotary, eager_attention_forward, rotary_inv_freq, run_decoder_layers
-from .compat import ALL_ATTENTION_FUNCTIONS, cache_kwargs, cache_update_kwargs, causal_mask, init, pick_cache
+from .attention import DecoderPreTrainedModel, DispatchedAttention, RotaryEmbedding, apply_rotary, rotary_inv_freq
+from .compat import causal_mask
 from .configuration_blocks import LlamaExpertConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,13 +133,8 @@ class LlamaExpertRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-class LlamaExpertRotaryEmbedding(nn.Module):
+class LlamaExpertRotaryEmbedding(RotaryEmbedding):
     """Rotate-half (NeoX) RoPE tables: positions (B, T) → cos, sin of shape (B, 1, T, head_dim)."""
-
-    def __init__(self, config: LlamaExpertConfig):
-        super().__init__()
-        self.config = config
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
 
     @staticmethod
     def compute_inv_freq(config: LlamaExpertConfig) -> torch.Tensor:
@@ -150,11 +142,7 @@ class LlamaExpertRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype):
-        inv_freq = self.inv_freq
-        if inv_freq.dtype != torch.float32:
-            # model.to(bf16) also casts buffers; a rounded inv_freq would silently change the model
-            inv_freq = self.compute_inv_freq(self.config)
-        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+        freqs = self.angles(position_ids)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -185,7 +173,7 @@ class LlamaExpertFeedForward(nn.Module):
         return route(hidden_states, self.language_mlp, self.vision_mlp, routing)
 
 
-class LlamaExpertAttention(nn.Module):
+class LlamaExpertAttention(DispatchedAttention):
     """Causal GQA self-attention with rotate-half RoPE and per-token expert qkv / output projections.
 
     (B, T, H) → (B, T, H). The cache stores ``num_key_value_heads`` heads; each serves
@@ -193,14 +181,9 @@ class LlamaExpertAttention(nn.Module):
     """
 
     def __init__(self, config: LlamaExpertConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
+        super().__init__(config, is_causal=True)
         self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
         self.q_size = config.num_attention_heads * self.head_dim
         self.kv_size = config.num_key_value_heads * self.head_dim
         qkv_size = self.q_size + 2 * self.kv_size
@@ -219,11 +202,10 @@ class LlamaExpertAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
-        cache: Optional[Cache] = None,
         routing: Optional[ExpertRouting] = None,
-        cache_update: Optional[dict] = None,
         **kwargs,
     ):
+        """``kwargs``: ``cache``, ``cache_update`` (see ``attend_cached``) and the kernel's."""
         input_shape = hidden_states.shape[:-1]
         qkv = route(
             hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value, routing
@@ -232,28 +214,9 @@ class LlamaExpertAttention(nn.Module):
         query = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         key = key.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-
         cos, sin = position_embeddings  # (B, 1, T, hd)
-        query = apply_rotary(query, cos, sin)
-        key = apply_rotary(key, cos, sin)
-
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, **(cache_update or {}))  # see compat.py
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )  # (B, T, nh, hd)
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        attn_output, attn_weights = self.attend_cached(query, key, value, attention_mask, **kwargs)
         return route(attn_output, self.language_expert_dense, self.vision_expert_dense, routing), attn_weights
 
 
@@ -267,48 +230,19 @@ class LlamaExpertDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LlamaExpertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaExpertFeedForward(config)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        cache: Optional[Cache] = None,
-        routing: Optional[ExpertRouting] = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        attn_output, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            cache=cache,
-            routing=routing,
-            **kwargs,
-        )
+    def forward(self, hidden_states: torch.Tensor, routing: Optional[ExpertRouting] = None, **kwargs) -> torch.Tensor:
+        """``kwargs``: the attention's (``position_embeddings``, ``attention_mask``, ``cache``, ...)."""
+        attn_output, _ = self.self_attn(self.input_layernorm(hidden_states), routing=routing, **kwargs)
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), routing=routing)
 
 
-class LlamaExpertPreTrainedModel(PreTrainedModel):
-    """Weights init and the transformers class attributes shared by LLaMA-with-experts models."""
+class LlamaExpertPreTrainedModel(DecoderPreTrainedModel):
+    """The transformers class attributes of LLaMA-with-experts models (flash and flex stay off: see the base)."""
 
     config_class = LlamaExpertConfig
-    base_model_prefix = ""
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaExpertDecoderLayer"]
-    _skip_keys_device_placement = ["cache", "past_key_values"]
-    _supports_sdpa = True
-    # transformers' flash / flex paths read packed sequences from position_ids when no mask is given; CogVLM's
-    # image block repeats positions (bos 0, boi 1, patches 2, eoi 3), which those paths would misread
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = True
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, LlamaExpertRotaryEmbedding):
-            # a non-persistent buffer: after meta-device loading only this recomputation fills it
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+    output_cache_without_use_cache = False
 
 
 class LlamaExpertModel(LlamaExpertPreTrainedModel):
@@ -324,72 +258,36 @@ class LlamaExpertModel(LlamaExpertPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @property
+    def final_norm(self) -> LlamaExpertRMSNorm:
+        return self.norm
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding):
         self.embed_tokens = value
 
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        cache: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        vision_expert_mask: Optional[torch.Tensor] = None,
-        routing: Optional[ExpertRouting] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        past_key_values: Optional[Cache] = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
+    def layer_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs) -> dict:
         """
         input_ids (B, T) or inputs_embeds (B, T, H).
         attention_mask: None, a 2D padding mask (B, past + T) (1 = real token; left padding), or a ready 4D mask.
         position_ids (B, T): default ``cumsum(attention_mask) - 1`` (so left padding needs nothing more), or
             ``past + arange(T)`` without a mask. CogVLM passes its own (the image block takes 3 positions).
-        vision_expert_mask (B, T) bool: True where the vision expert runs; None = language expert everywhere
-            (no host sync). Needs ``config.use_visual_experts``.
-        routing: the same split already made by ``expert_routing(vision_expert_mask)`` for these (B, T) tokens
-            (CogVLM builds it together with its input checks, saving the host sync); give one of the two.
+        vision_expert_mask (B, T) bool, keyword: True where the vision expert runs; None = language expert
+            everywhere (no host sync). Needs ``config.use_visual_experts``.
+        routing, keyword: the same split already made by ``expert_routing(vision_expert_mask)`` for these (B, T)
+            tokens (CogVLM builds it together with its input checks, saving the host sync); give one of the two.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        cache = pick_cache(cache, past_key_values)
-        kwargs.pop("cache_position", None)  # transformers 4.57.x generate() passes it; positions come from the cache
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
-
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+        vision_expert_mask, routing = kwargs.pop("vision_expert_mask", None), kwargs.pop("routing", None)
         routing = self._routing(vision_expert_mask, routing, batch_size, seq_len)
         position_ids = llama_position_ids(position_ids, attention_mask, cache, inputs_embeds)
-
         # With a padding mask, transformers' "all ones? then is_causal" shortcut reads the mask on the host at every
         # step: it is materialized instead (generate drops all-ones masks, so those still get SDPA's is_causal).
         mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, allow_is_causal_skip=attention_mask is None)
-        cache_update = cache_update_kwargs(cache, seq_len, inputs_embeds.device)
-
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # once per forward
-        hidden_states, all_hidden_states = run_decoder_layers(
-            self.layers, self.norm, inputs_embeds, output_hidden_states, position_embeddings=position_embeddings,
-            attention_mask=mask, cache=cache, routing=routing, cache_update=cache_update, **kwargs,
-        )
-
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            **cache_kwargs(cache if use_cache else None),
-        )
-        return output if return_dict else output.to_tuple()
+        return {"position_embeddings": position_embeddings, "attention_mask": mask, "routing": routing}
 
     def _routing(self, vision_expert_mask, routing, batch_size: int, seq_len: int) -> Optional[ExpertRouting]:
         """The expert split of this forward's (B, T) tokens, from the mask or as given; None: language only."""

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 
-from .compat import generation_cache, init, pick_cache
+from .compat import generation_cache, init
 from .configuration_cogvlm import CHAT_DEFAULTS, CogVLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_cogvlm import CogVLMImageProcessor
@@ -203,9 +203,8 @@ class CogVLMPreTrainedModel(MultimodalPreTrainedModel):
 class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, MultimodalForConditionalGeneration, GenerationMixin):
     """CogVLM / CogVLM2 with a language-modeling head.
 
-    forward: ``input_ids`` (B, T) with each image as one run of ``config.num_image_tokens`` ×
-    ``config.image_token_id``; ``pixel_values`` (N_images, 3, S, S) for the images in order of appearance
-    → ``logits`` (B, T, V) float32. ``chat``: the demos' greedy defaults; ``template=`` base | chat | vqa | text.
+    forward: ``MultimodalForConditionalGeneration.forward`` (logits in float32). ``chat``: the demos' greedy
+    defaults; ``template=`` base | chat | vqa | text.
     """
 
     _tied_weights_keys = {"lm_head.weight": "language_model.embed_tokens.weight"}
@@ -228,60 +227,33 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, MultimodalForConditi
         patches = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (N, g², H_vit), no CLS
         return self.adapter(patches.to(self.adapter.linear_proj.weight.dtype))
 
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        pixel_values: Optional[torch.FloatTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        cache=None,
-        token_type_ids: Optional[torch.LongTensor] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        past_key_values=None,
-        **kwargs,
-    ) -> CogVLMCausalLMOutputWithPast:
+    def _language_model_inputs(self, input_ids, image_mask, pixel_values, attention_mask, position_ids, cache,
+                               kwargs) -> dict:
         """
-        token_type_ids (B, T): optional (HF CogVLM's LANGUAGE 0 / VISION 1); derived from the placeholders, and
-            must agree with them where given.
+        token_type_ids (B, T), keyword: optional (HF CogVLM's LANGUAGE 0 / VISION 1); derived from the placeholders,
+            and must agree with them where given.
         position_ids (B, T): derived from the placeholders on prefill (``cogvlm_position_ids``); required once the
             cache holds tokens (``generate`` passes them).
         """
-        self._check_input_kinds(input_ids, inputs_embeds, pixel_values)
-        cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
-        image_mask = image_features = routing = None
-        if input_ids is not None:
-            image_mask = input_ids == self.config.image_token_id  # (B, T)
-            # a static cache reports its length as a tensor: reading it would sync, so only an int 0 means prefill
-            seq = cache.get_seq_length() if cache is not None else 0
-            is_prefill = pixel_values is not None or (isinstance(seq, int) and seq == 0)
-            num_vision = None
-            if is_prefill:
-                self.check_prompt_length(input_ids.shape[1], pixel_values is not None)
-            if is_prefill or token_type_ids is not None:
-                num_images = 0 if pixel_values is None else pixel_values.shape[0]
-                num_vision = check_cogvlm_inputs(image_mask, num_images, token_type_ids, attention_mask, self.config)
-            if position_ids is None:
-                position_ids = prefill_position_ids(image_mask, attention_mask, is_prefill)
-            inputs_embeds, image_features = self.embed_with_images(input_ids, image_mask, pixel_values)
-            if pixel_values is not None:
-                routing = expert_routing(cogvlm_vision_expert_mask(image_mask), num_vision=num_vision)
-        elif token_type_ids is not None and bool((token_type_ids == VISION_TOKEN_TYPE).any()):
-            raise ValueError("token_type_ids mark VISION tokens, but inputs_embeds carry no image placeholders")
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            routing=routing,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        return self.lm_output(outputs, labels, image_mask, image_features, logits_to_keep)
+        token_type_ids = kwargs.pop("token_type_ids", None)
+        if input_ids is None:
+            if token_type_ids is not None and bool((token_type_ids == VISION_TOKEN_TYPE).any()):
+                raise ValueError("token_type_ids mark VISION tokens, but inputs_embeds carry no image placeholders")
+            return {"position_ids": position_ids, "routing": None}
+        # a static cache reports its length as a tensor: reading it would sync, so only an int 0 means prefill
+        seq = cache.get_seq_length() if cache is not None else 0
+        is_prefill = pixel_values is not None or (isinstance(seq, int) and seq == 0)
+        num_vision = routing = None
+        if is_prefill:
+            self.check_prompt_length(input_ids.shape[1], pixel_values is not None)
+        if is_prefill or token_type_ids is not None:
+            num_images = 0 if pixel_values is None else pixel_values.shape[0]
+            num_vision = check_cogvlm_inputs(image_mask, num_images, token_type_ids, attention_mask, self.config)
+        if position_ids is None:
+            position_ids = prefill_position_ids(image_mask, attention_mask, is_prefill)
+        if pixel_values is not None:
+            routing = expert_routing(cogvlm_vision_expert_mask(image_mask), num_vision=num_vision)
+        return {"position_ids": position_ids, "routing": routing}
 
     # --- generation hooks -------------------------------------------------------------------------
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
@@ -296,9 +268,8 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, MultimodalForConditi
             return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
         return cogvlm_position_ids(input_ids == self.config.image_token_id, mask)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
         # generate() extends token_type_ids by repeating the last one: they are checked at prefill, derived elsewhere
-        token_type_ids = kwargs.pop("token_type_ids", None)
         if kwargs.get("position_ids") is None:
             # generate() did not build positions (e.g. a caller's loop): derive them from the whole sequence
             full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None

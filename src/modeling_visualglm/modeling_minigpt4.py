@@ -23,14 +23,11 @@ Deliberate differences from the original:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from transformers import GenerationMixin
 
 from .chat_utils import TokenRangeLogitsProcessor
-from .compat import pick_cache
 from .configuration_minigpt4 import CHAT_DEFAULTS, MERGE_TOKENS, MiniGPT4Config
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
@@ -41,6 +38,7 @@ from .qformer import QFormerModel
 # transformers 4.57.x copies out of a local folder only the files that the loaded file itself imports (5.x follows
 # imports recursively): these lines name the rest of the import closure (delete with the 4.57 floor)
 from .attention import eager_attention_forward  # noqa: F401
+from .compat import init  # noqa: F401
 from .configuration_blocks import LlamaExpertConfig  # noqa: F401
 
 
@@ -56,9 +54,8 @@ class MiniGPT4PreTrainedModel(MultimodalPreTrainedModel):
 class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, MultimodalForConditionalGeneration, GenerationMixin):
     """MiniGPT-4 / MiniGPT-v2 with a language-modeling head.
 
-    forward: ``input_ids`` (B, T) with each image as a run of ``config.num_image_tokens`` ×
-    ``config.image_token_id``; ``pixel_values`` (N_images, 3, S, S) for the images in order of appearance
-    → ``logits`` (B, T, V). ``chat``: ``Chat.answer``'s defaults of the variant, stopping at its ``STOP_STRINGS``.
+    forward: ``MultimodalForConditionalGeneration.forward``. ``chat``: ``Chat.answer``'s defaults of the variant,
+    stopping at its ``STOP_STRINGS``.
     """
 
     _tied_weights_keys = {"lm_head.weight": "language_model.embed_tokens.weight"}
@@ -87,42 +84,15 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, MultimodalForCon
             features = patches.reshape(n, p // MERGE_TOKENS, h * MERGE_TOKENS)  # (N, P/4, 4 H_vit)
         return self.llama_proj(features.to(self.llama_proj.weight.dtype))
 
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        pixel_values: Optional[torch.FloatTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        cache=None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        past_key_values=None,
-        **kwargs,
-    ) -> MiniGPT4CausalLMOutputWithPast:
+    def _language_model_inputs(self, input_ids, image_mask, pixel_values, attention_mask, position_ids, cache,
+                               kwargs) -> dict:
         """position_ids (B, T): LLaMA's, by default ``cumsum(attention_mask) - 1`` (see ``LlamaExpertModel``)."""
-        self._check_input_kinds(input_ids, inputs_embeds, pixel_values)
-        cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
-        image_mask = image_features = None
         if input_ids is not None:
-            image_mask = input_ids == self.config.image_token_id  # (B, T)
             if pixel_values is not None:  # a prefill: one host sync for the count check is fine
                 self._check_prefill(image_mask, pixel_values)
             elif cache is None:  # no cache at all (training): the length only (generate checks a text prefill)
                 self.check_prompt_length(input_ids.shape[1], False)
-            inputs_embeds, image_features = self.embed_with_images(input_ids, image_mask, pixel_values)
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        return self.lm_output(outputs, labels, image_mask, image_features, logits_to_keep)
+        return {"position_ids": position_ids}
 
     # --- chat -------------------------------------------------------------------------------------
     @classmethod

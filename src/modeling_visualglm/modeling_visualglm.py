@@ -17,8 +17,6 @@ Deliberate differences from the originals:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from transformers import GenerationMixin
@@ -50,9 +48,8 @@ class VisualGLMPreTrainedModel(MultimodalPreTrainedModel):
 class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, MultimodalForConditionalGeneration, GenerationMixin):
     """VisualGLM-6B with a language-modeling head.
 
-    forward: ``input_ids`` (B, T) with each image as a run of ``config.num_image_tokens`` ×
-    ``config.image_token_id``; ``pixel_values`` (N_images, 3, S, S) for the images in order of appearance
-    → ``logits`` (B, T, V). ``chat``: THUDM's sampling defaults; ``english=`` picks the prompt language.
+    forward: ``MultimodalForConditionalGeneration.forward``. ``chat``: THUDM's sampling defaults; ``english=``
+    picks the prompt language.
     """
 
     _tied_weights_keys = {"lm_head.weight": "language_model.word_embeddings.weight"}
@@ -76,43 +73,15 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, MultimodalForC
         query_output = self.qformer(encoder_hidden_states=image_embeds).last_hidden_state  # (N, Q, H_q)
         return self.glm_proj(query_output.to(self.glm_proj.weight.dtype))
 
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        pixel_values: Optional[torch.FloatTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        cache=None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        past_key_values=None,
-        **kwargs,
-    ) -> VisualGLMCausalLMOutputWithPast:
+    def _language_model_inputs(self, input_ids, image_mask, pixel_values, attention_mask, position_ids, cache,
+                               kwargs) -> dict:
         """position_ids (B, 2, T): GLM's 2D positions. Without them the language model derives them from
         ``input_ids`` (a prefill only: decode steps inside ``generate`` always bring them, and must not read the
         cache length, a host sync and a graph break for static caches)."""
-        self._check_input_kinds(input_ids, inputs_embeds, pixel_values)
-        cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
-        image_mask = image_features = None
-        if input_ids is not None:
-            image_mask = input_ids == self.config.image_token_id  # (B, T)
-            if pixel_values is not None or position_ids is None:  # a prefill: one host sync is fine
-                self._check_prefill(image_mask, pixel_values)
-            inputs_embeds, image_features = self.embed_with_images(input_ids, image_mask, pixel_values)
-        outputs = self.language_model(
-            input_ids=input_ids,  # with inputs_embeds given, the ids only place <sop> / [gMASK] for the positions
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        return self.lm_output(outputs, labels, image_mask, image_features, logits_to_keep)
+        if input_ids is not None and (pixel_values is not None or position_ids is None):  # a prefill: one sync
+            self._check_prefill(image_mask, pixel_values)
+        # with inputs_embeds given, the ids only place <sop> / [gMASK] for the positions
+        return {"input_ids": input_ids, "position_ids": position_ids}
 
     # --- generation hooks -------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):

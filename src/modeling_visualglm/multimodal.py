@@ -7,19 +7,22 @@ never supervised) and one output type. ``chat`` / ``stream_chat`` run one turn o
 and chat defaults, with the image processor the model's folder ships.
 
 A family class sets ``config_class``, its submodules, ``image_processor_class``, ``chat_defaults`` (its
-configuration module's ``CHAT_DEFAULTS``), and writes ``get_image_features``, ``forward`` (its positions and
-input checks), its generation hooks and ``_chat_prompt_ids``.
+configuration module's ``CHAT_DEFAULTS``), and writes ``get_image_features``, ``_language_model_inputs`` (its
+positions and input checks), its generation hooks and ``_chat_prompt_ids``.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers.generation import LogitsProcessorList
 
+from .attention import TextPreTrainedModel
 from .chat_utils import check_history, prepare_chat, stream_generate
-from .compat import MultimodalCausalLMOutputWithPast, cache_kwargs, output_cache
+from .compat import MultimodalCausalLMOutputWithPast, cache_kwargs, output_cache, pick_cache
 
 
 def placeholder_count_error(n_placeholders: int, num_images: int, num_image_tokens: int, image_token_id: int,
@@ -51,11 +54,10 @@ def drop_images_after_prefill(model_inputs: dict, input_ids: torch.Tensor) -> di
     return model_inputs
 
 
-class MultimodalPreTrainedModel(PreTrainedModel):
+class MultimodalPreTrainedModel(TextPreTrainedModel):
     """What every family shares: image + text in, a ``language_model`` sub-model and an ``lm_head`` out.
 
-    Flash and flex attention stay off: ChatGLM's prefix-LM mask is not causal, and CogVLM's repeated image
-    positions would be read as packed sequences; SDPA and eager take the explicit masks the blocks build.
+    Flash and flex attention stay off (see ``TextPreTrainedModel``).
 
     ``quantization_skip_modules`` names every top-level module outside the language model (vision tower,
     adapters) plus ``lm_head``: pass it as ``BitsAndBytesConfig(llm_int8_skip_modules=...)`` to quantize the
@@ -68,15 +70,7 @@ class MultimodalPreTrainedModel(PreTrainedModel):
 
     quantization_skip_modules: list[str] = ["lm_head"]
 
-    base_model_prefix = ""
-    main_input_name = "input_ids"
     input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["cache", "past_key_values"]
-    _supports_sdpa = True
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = True
 
     # positions the image block of one image saves against its token count (CogVLM: all but 3)
     image_positions_saved = 0
@@ -151,6 +145,51 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
         mask = image_mask.to(inputs_embeds.device).unsqueeze(-1)
         return inputs_embeds.masked_scatter(mask, features), features
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache=None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
+        **kwargs,
+    ) -> MultimodalCausalLMOutputWithPast:
+        """``input_ids`` (B, T) with each image as a run of ``config.num_image_tokens`` × ``config.image_token_id``,
+        ``pixel_values`` (N_images, 3, S, S) for the images in order of appearance → ``logits`` (B, T, V), and the
+        loss over ``labels``. ``position_ids`` and the family's own arguments: see its ``_language_model_inputs``."""
+        self._check_input_kinds(input_ids, inputs_embeds, pixel_values)
+        cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
+        image_mask = image_features = None
+        if input_ids is not None:
+            image_mask = input_ids == self.config.image_token_id  # (B, T)
+        lm_inputs = self._language_model_inputs(input_ids, image_mask, pixel_values, attention_mask, position_ids,
+                                                cache, kwargs)
+        if input_ids is not None:
+            inputs_embeds, image_features = self.embed_with_images(input_ids, image_mask, pixel_values)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **lm_inputs,
+            **kwargs,
+        )
+        return self.lm_output(outputs, labels, image_mask, image_features, logits_to_keep)
+
+    def _language_model_inputs(self, input_ids, image_mask, pixel_values, attention_mask, position_ids, cache,
+                               kwargs) -> dict:
+        """The family's checks before any compute, and the language model's keyword arguments besides the
+        embeddings, mask, cache and flags (at least ``position_ids``). ``input_ids``/``image_mask`` are None when
+        the caller gave ``inputs_embeds``; the family's own forward arguments are taken out of ``kwargs``."""
+        raise NotImplementedError
 
     def lm_output(self, outputs, labels=None, image_mask=None, image_features=None, logits_to_keep=0):
         """The language model's output → logits (B, T, V) of the last ``logits_to_keep`` positions (0: all), the

@@ -41,7 +41,10 @@ import re
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from .chat_utils import check_history
+from .chat_utils import (
+    JINJA_COUNT_IMAGES, JINJA_TEXT_OF, check_history, encode_text, image_kwargs_of, jinja_check_roles, jinja_string,
+    left_pad, prompt_list,
+)
 from .compat import legacy_processor_attributes
 
 TEMPLATES = ("base", "chat", "vqa", "text")
@@ -76,29 +79,13 @@ def build_cogvlm_prompt(query: str, history=None, template: str = "chat") -> str
     raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
 
-# The text of a message: a string, or the "text" blocks of a list of {"type": "text"|"image", ...} blocks.
-_TEXT_OF = (
-    "{%- macro text_of(message) -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for block in message['content'] -%}"
-    "{%- if block['type'] == 'text' -%}{{ block['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-)
 # Roles and image count of a conversation, checked before anything is rendered.
 _CHECK_MESSAGES = (
     "{%- set ns = namespace(images=0) -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['user', 'assistant'] -%}"
-    "{{ raise_exception('CogVLM knows only user and assistant messages, got role ' + message['role']) }}"
-    "{%- endif -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('messages must alternate user/assistant, starting with user') }}"
-    "{%- endif -%}"
-    "{%- if message['content'] is not string -%}{%- for block in message['content'] -%}"
-    "{%- if block['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endfor -%}"
+    + jinja_check_roles("CogVLM")
+    + JINJA_COUNT_IMAGES
+    + "{%- endfor -%}"
     "{%- if ns.images > 1 -%}{{ raise_exception('CogVLM takes at most one image per conversation') }}{%- endif -%}"
 )
 # build_cogvlm_prompt as turns: a user message renders as "Question: {q} ", an assistant message as "Answer: {a}\n",
@@ -126,21 +113,17 @@ _RENDER = (
 )
 
 
-def _jinja_string(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def cogvlm_chat_template(template_version: str = "chat") -> str:
     """The Jinja chat template rendering :func:`build_cogvlm_prompt` for ``template_version`` (base | chat | vqa |
     text); ``apply_chat_template(..., template_version=...)`` picks another template for one call."""
     if template_version not in TEMPLATES:
         raise ValueError(f"template_version must be one of {TEMPLATES}, got {template_version!r}")
     return (
-        _TEXT_OF
-        + "{%- set TEXT_SYSTEM = " + _jinja_string(TEXT_ONLY_SYSTEM) + " -%}"
+        JINJA_TEXT_OF
+        + "{%- set TEXT_SYSTEM = " + jinja_string(TEXT_ONLY_SYSTEM) + " -%}"
         + "{%- if template_version is defined and template_version is not none -%}"
         + "{%- set version = template_version -%}"
-        + "{%- else -%}{%- set version = " + _jinja_string(template_version) + " -%}{%- endif -%}"
+        + "{%- else -%}{%- set version = " + jinja_string(template_version) + " -%}{%- endif -%}"
         + "{%- if version not in " + repr(list(TEMPLATES)) + " -%}"
         + "{{ raise_exception('template_version must be one of " + ", ".join(TEMPLATES) + ", got ' + version) }}"
         + "{%- endif -%}"
@@ -159,19 +142,6 @@ def build_cogvlm_inputs(
     if has_image:
         ids += [image_token_id] * num_image_tokens
     return ids + encode_text(tokenizer, prompt)
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Ids of ``text`` with every special-token string in it read as plain text (no bos/eos added)."""
-    if not text:
-        return []
-    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    # a tokenizer whose model still merges text into a control token would break the guarantee: refuse it
-    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-    leaked = sorted({i for i in ids if i in specials})
-    if leaked:
-        raise ValueError(f"the tokenizer encoded text to special id(s) {leaked}; it cannot keep user text as text")
-    return ids
 
 
 def process_response(response: str, stop_strings=("</s>", "<|end_of_text|>", "<|eot_id|>")) -> str:
@@ -229,9 +199,7 @@ class CogVLMProcessor(ProcessorMixin):
         if videos is not None or audio is not None:
             raise ValueError("CogVLM takes images only, no videos or audio")
         single = isinstance(text, str)
-        texts = [text] if single else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a string or a non-empty list of strings")
+        texts = prompt_list(text)
         if images is None:
             row_images = [None] * len(texts)
         elif single:  # everything given belongs to the one prompt: an image, [image], [[image]] or []
@@ -244,15 +212,12 @@ class CogVLMProcessor(ProcessorMixin):
                 "CogVLM takes at most one image per conversation"
             )
         row_images = [_row_image(entry, row) for row, entry in enumerate(row_images)]
-        image_kwargs = _image_kwargs(kwargs)
+        image_kwargs = image_kwargs_of(kwargs, _IGNORED_KWARGS, "CogVLMProcessor")
         rows = [
             build_cogvlm_inputs(self.tokenizer, t, img is not None, self.num_image_tokens, self.image_token_id)
             for t, img in zip(texts, row_images)
         ]
-        width = max(len(r) for r in rows)
-        input_ids = [[self.pad_token_id] * (width - len(r)) + r for r in rows]
-        attention_mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        data = left_pad(rows, self.pad_token_id)
         given = [img for img in row_images if img is not None]
         if given:
             data["pixel_values"] = self.image_processor(given, return_tensors="pt", **image_kwargs)["pixel_values"]
@@ -283,18 +248,6 @@ def _row_image(entry, row: int):
 # bos and rows are always left-padded (as in the original); on transformers 4.57.x apply_chat_template also passes
 # the template's own variables (template_version) on to the processor call.
 _IGNORED_KWARGS = ("add_special_tokens", "padding", "text_kwargs", "template_version")
-
-
-def _image_kwargs(kwargs: dict) -> dict:
-    """The image processor's keyword arguments among a processor call's ``kwargs``; anything unknown raises."""
-    image_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
-    if "size" in kwargs:
-        image_kwargs["size"] = kwargs.pop("size")
-    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
-    if unknown:
-        raise TypeError(f"unexpected arguments {unknown}; CogVLMProcessor takes images, text, return_tensors, size "
-                        "(a pipeline passes its unknown keywords here: give generate() options as generate_kwargs=)")
-    return image_kwargs
 
 
 # ---------------------------------------------------------------------------------------------------

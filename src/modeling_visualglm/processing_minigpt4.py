@@ -47,7 +47,10 @@ import re
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .chat_utils import check_history
+from .chat_utils import (
+    JINJA_COUNT_IMAGES, JINJA_TEXT_OF, check_history, encode_text, image_kwargs_of, jinja_check_roles, jinja_string,
+    left_pad, prompt_list,
+)
 from .compat import legacy_processor_attributes, llama_tokenizer_class
 from .image_processing_visualglm import flatten_images
 
@@ -121,10 +124,6 @@ def build_minigpt4_prompt(variant: str, query: str, history=None, has_image: boo
     return "".join(minigpt4_prompt_parts(variant, query, history, has_image=has_image))
 
 
-def _jinja_string(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def minigpt4_chat_template(variant: str) -> str:
     """The Jinja chat template rendering :func:`build_minigpt4_prompt` for ``variant``: system + sep, then per user
     message ``user role + text + sep`` (the first one starting with ``<Img><ImageHere></Img> `` when the conversation
@@ -132,26 +131,14 @@ def minigpt4_chat_template(variant: str) -> str:
     prompt. Content may be a string or a list of {"type": "text"|"image", ...} blocks."""
     if variant not in TEMPLATES:
         raise ValueError(f"unknown MiniGPT-4 variant {variant!r}; expected one of {sorted(TEMPLATES)}")
-    system, user, assistant, sep = (_jinja_string(part) for part in TEMPLATES[variant])
+    system, user, assistant, sep = (jinja_string(part) for part in TEMPLATES[variant])
     return (
-        "{%- macro text_of(message) -%}"
-        "{%- if message['content'] is string -%}{{ message['content'] }}"
-        "{%- else -%}{%- for block in message['content'] -%}"
-        "{%- if block['type'] == 'text' -%}{{ block['text'] }}{%- endif -%}"
-        "{%- endfor -%}{%- endif -%}"
-        "{%- endmacro -%}"
-        "{%- set ns = namespace(images=0) -%}"
+        JINJA_TEXT_OF
+        + "{%- set ns = namespace(images=0) -%}"
         "{%- for message in messages -%}"
-        "{%- if message['role'] not in ['user', 'assistant'] -%}"
-        "{{ raise_exception('MiniGPT-4 knows only user and assistant messages, got role ' + message['role']) }}"
-        "{%- endif -%}"
-        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-        "{{ raise_exception('messages must alternate user/assistant, starting with user') }}"
-        "{%- endif -%}"
-        "{%- if message['content'] is not string -%}{%- for block in message['content'] -%}"
-        "{%- if block['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}{%- endif -%}"
-        "{%- endfor -%}{%- endif -%}"
-        "{%- if " + _jinja_string(IMAGE_HERE) + " in text_of(message) -%}"
+        + jinja_check_roles("MiniGPT-4")
+        + JINJA_COUNT_IMAGES
+        + "{%- if " + jinja_string(IMAGE_HERE) + " in text_of(message) -%}"
         "{{ raise_exception('message text contains the image marker " + IMAGE_HERE + "; pass the image as an image "
         "block') }}"
         "{%- endif -%}"
@@ -163,7 +150,7 @@ def minigpt4_chat_template(variant: str) -> str:
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}"
         "{{ " + user + " }}"
-        "{%- if loop.first and ns.images -%}{{ " + _jinja_string(IMAGE_SEGMENT + " ") + " }}{%- endif -%}"
+        "{%- if loop.first and ns.images -%}{{ " + jinja_string(IMAGE_SEGMENT + " ") + " }}{%- endif -%}"
         "{{ text_of(message) }}{{ " + sep + " }}"
         "{%- else -%}{{ " + assistant + " }}{{ text_of(message) }}{{ " + sep + " }}{%- endif -%}"
         "{%- endfor -%}"
@@ -216,19 +203,6 @@ def encode_minigpt4_parts(tokenizer, parts: list, num_image_tokens: int = 32, im
         else:
             text += part
     return ids + encode_text(tokenizer, text)
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Ids of ``text`` with every special-token string in it read as plain text (no BOS added)."""
-    if not text:
-        return []
-    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    # a tokenizer whose model still merges text into a control token would break the guarantee: refuse it
-    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-    leaked = sorted({i for i in ids if i in specials})
-    if leaked:
-        raise ValueError(f"the tokenizer encoded text to special id(s) {leaked}; it cannot keep user text as text")
-    return ids
 
 
 def parse_minigpt4_prompt(prompt: str, variant: str | None = None) -> list:
@@ -285,18 +259,6 @@ class MiniGPT4Tokenizer(llama_tokenizer_class()):
 _IGNORED_KWARGS = ("add_special_tokens", "padding", "text_kwargs")
 
 
-def _image_kwargs(kwargs: dict) -> dict:
-    """The image processor's keyword arguments among a processor call's ``kwargs``; anything unknown raises."""
-    image_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
-    if "size" in kwargs:
-        image_kwargs["size"] = kwargs.pop("size")
-    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
-    if unknown:
-        raise TypeError(f"unexpected arguments {unknown}; MiniGPT4Processor takes images, text, return_tensors, size "
-                        "(a pipeline passes its unknown keywords here: give generate() options as generate_kwargs=)")
-    return image_kwargs
-
-
 @legacy_processor_attributes
 class MiniGPT4Processor(ProcessorMixin):
     """Images + MiniGPT-4 prompts → ``input_ids``, ``attention_mask`` (left-padded) and ``pixel_values``.
@@ -324,9 +286,7 @@ class MiniGPT4Processor(ProcessorMixin):
             raise ValueError("MiniGPT4Processor needs text: prompt(s) from build_minigpt4_prompt, with <ImageHere>")
         if videos is not None or audio is not None:
             raise ValueError("MiniGPT-4 takes images only, no videos or audio")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a string or a non-empty list of strings")
+        texts = prompt_list(text)
         flat_images = flatten_images(images)
         markers = [t.count(IMAGE_HERE) for t in texts]
         if sum(markers) != len(flat_images):
@@ -334,14 +294,10 @@ class MiniGPT4Processor(ProcessorMixin):
                 f"{sum(markers)} {IMAGE_HERE!r} marker(s) in the text (per prompt: {markers}) but "
                 f"{len(flat_images)} image(s) given; each image needs exactly one marker"
             )
-        image_kwargs = _image_kwargs(kwargs)
+        image_kwargs = image_kwargs_of(kwargs, _IGNORED_KWARGS, "MiniGPT4Processor")
         rows = [encode_minigpt4_prompt(self.tokenizer, t, self.num_image_tokens, variant=self.variant) for t in texts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
-        width = max(len(r) for r in rows)
-        data = {
-            "input_ids": [[pad] * (width - len(r)) + r for r in rows],
-            "attention_mask": [[0] * (width - len(r)) + [1] * len(r) for r in rows],
-        }
+        data = left_pad(rows, pad)
         if flat_images:
             pixel_values = self.image_processor(flat_images, return_tensors="pt", **image_kwargs)["pixel_values"]
             data["pixel_values"] = pixel_values

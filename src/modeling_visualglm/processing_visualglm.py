@@ -39,7 +39,7 @@ import re
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .chat_utils import check_history
+from .chat_utils import JINJA_TEXT_OF, check_history, encode_text, jinja_check_roles, prompt_list
 from .compat import legacy_processor_attributes
 from .image_processing_visualglm import flatten_images
 
@@ -56,21 +56,11 @@ _PUNCTUATION = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "�
 # the last user message decides (no character in U+4E00..U+9FA5 → English). Content may be a string or a
 # list of {"type": "text"|"image", ...} blocks.
 VISUALGLM_CHAT_TEMPLATE = (
-    "{%- macro text_of(message) -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for block in message['content'] -%}"
-    "{%- if block['type'] == 'text' -%}{{ block['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- set ns = namespace(image=false, query='', chinese=false) -%}"
+    JINJA_TEXT_OF
+    + "{%- set ns = namespace(image=false, query='', chinese=false) -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['user', 'assistant'] -%}"
-    "{{ raise_exception('VisualGLM-6B knows only user and assistant messages, got role ' + message['role']) }}"
-    "{%- endif -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('messages must alternate user/assistant, starting with user') }}"
-    "{%- endif -%}"
-    "{%- if message['content'] is not string -%}{%- for block in message['content'] -%}"
+    + jinja_check_roles("VisualGLM-6B")
+    + "{%- if message['content'] is not string -%}{%- for block in message['content'] -%}"
     "{%- if block['type'] == 'image' -%}"
     "{%- if ns.image -%}{{ raise_exception('VisualGLM-6B takes at most one image per conversation') }}{%- endif -%}"
     "{%- set ns.image = true -%}"
@@ -154,19 +144,6 @@ def encode_visualglm_prompt(
     return tokenizer.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
-    """SentencePiece ids of ``text`` with every special-token string in it read as plain text."""
-    if not text:
-        return []
-    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    # A tokenizer whose model could still produce a control piece from text would break the guarantee: refuse it.
-    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-    leaked = sorted({i for i in ids if i in specials})
-    if leaked:
-        raise ValueError(f"the tokenizer encoded text to special id(s) {leaked}; it cannot keep user text as text")
-    return ids
-
-
 def _check_no_placeholder(text: str, tokenizer) -> None:
     token = str(tokenizer.image_token)
     if token in text:
@@ -226,9 +203,7 @@ class VisualGLMProcessor(ProcessorMixin):
         for name in ("videos", "audio"):
             if kwargs.pop(name, None) is not None:
                 raise ValueError("VisualGLM takes images only, no videos or audio")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a string or a non-empty list of strings")
+        texts = prompt_list(text)
         flat_images = flatten_images(images)
         # the image slot is structural: a marker that opens the prompt (user text always follows "问：" / "Q:")
         markers = [int(t.startswith(IMAGE_MARKER)) for t in texts]

@@ -27,64 +27,22 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from .attention import eager_attention_forward
-from .compat import ALL_ATTENTION_FUNCTIONS, bidirectional_mask, init, keep_in_fp32
+from .attention import BlockedSelfAttention, BlockPreTrainedModel, DenseMLP, DispatchedAttention
+from .compat import bidirectional_mask, init, keep_in_fp32
 from .configuration_blocks import QFormerConfig
 
 
-class QFormerSelfAttention(nn.Module):
-    """Unmasked self-attention over the queries, fused blocked [Q; K; V] projection. (B, Q, H) → (B, Q, H)."""
-
-    def __init__(self, config: QFormerConfig):
-        super().__init__()
-        self.config = config
-        self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
-        self.attention_dropout = config.attention_dropout
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        batch_size, seq_len, _ = hidden_states.shape
-        # Blocked layout: rows [0, H) are Q, [H, 2H) K, [2H, 3H) V (SAT split_tensor_along_last_dim).
-        qkv = self.query_key_value(hidden_states).view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, T, 3, nh, hd)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            None,
-            scaling=self.scaling,
-            dropout=self.attention_dropout if self.training else 0.0,
-            **kwargs,
-        )  # (B, T, nh, hd)
-        return self.dense(attn_output.reshape(batch_size, seq_len, -1))
-
-
-class QFormerCrossAttention(nn.Module):
+class QFormerCrossAttention(DispatchedAttention):
     """Queries attend to the image tokens; K and V come from one blocked [K; V] projection of the image.
 
     hidden_states (B, Q, H), encoder_hidden_states (B, Tk, E) → (B, Q, H).
     """
 
     def __init__(self, config: QFormerConfig):
-        super().__init__()
-        self.config = config
-        self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
-        self.attention_dropout = config.attention_dropout
+        super().__init__(config)
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key_value = nn.Linear(config.encoder_hidden_size, 2 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
@@ -101,34 +59,8 @@ class QFormerCrossAttention(nn.Module):
         query = self.query(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, nh, Q, hd)
         kv = self.key_value(encoder_hidden_states).view(batch_size, kv_len, 2, -1, self.head_dim)  # (B, Tk, 2, nh, hd)
         key, value = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, Tk, hd)
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling=self.scaling,
-            dropout=self.attention_dropout if self.training else 0.0,
-            **kwargs,
-        )  # (B, Q, nh, hd)
+        attn_output, _ = self.attend(query, key, value, attention_mask, **kwargs)  # (B, Q, nh, hd)
         return self.dense(attn_output.reshape(batch_size, seq_len, -1))
-
-
-class QFormerMLP(nn.Module):
-    """dense_h_to_4h → activation (exact erf GELU) → dense_4h_to_h."""
-
-    def __init__(self, config: QFormerConfig):
-        super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(hidden_states)))
 
 
 class QFormerLayer(GradientCheckpointingLayer):
@@ -143,12 +75,13 @@ class QFormerLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = QFormerSelfAttention(config)
+        # unmasked self-attention over the queries (SAT split_tensor_along_last_dim: blocked [Q; K; V])
+        self.attention = BlockedSelfAttention(config)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if self.has_cross_attention:
             self.cross_attention = QFormerCrossAttention(config)
             self.post_cross_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = QFormerMLP(config)
+        self.mlp = DenseMLP(config)  # exact erf GELU
 
     def forward(
         self,
@@ -166,12 +99,10 @@ class QFormerLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(hidden_states)
 
 
-class QFormerPreTrainedModel(PreTrainedModel):
+class QFormerPreTrainedModel(BlockPreTrainedModel):
     config_class = QFormerConfig
-    base_model_prefix = ""
     main_input_name = "encoder_hidden_states"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["QFormerLayer"]
     # BLIP-2 (LAVIS and transformers) keeps the Q-Former in fp32 when the model is loaded in fp16; it is
     # small (105M of 7.8B parameters in VisualGLM-6B), so the cost is low. transformers merges a sub-model's entries into its parent *unprefixed*
@@ -181,10 +112,8 @@ class QFormerPreTrainedModel(PreTrainedModel):
     # named layers/final_layernorm/query_tokens at its top level; ours nest them under vision_model. and
     # language_model.)
     _keep_in_fp32_modules = keep_in_fp32([r"^(?:qformer\.)?(?:query_tokens|layers|final_layernorm)(?:\.|$)"])
-    _supports_sdpa = True
     # fp32 weights (see above) rule out flash-attention kernels, as in transformers' Blip2QFormerModel.
     _supports_flash_attn = False
-    _supports_attention_backend = True
 
     def _init_weights(self, module):
         super()._init_weights(module)  # Linear: normal(initializer_range), zero bias; LayerNorm: 1, 0

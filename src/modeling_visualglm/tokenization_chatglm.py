@@ -130,13 +130,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         )
 
         super().__init__(
-            unk_token=unk_token,
-            pad_token=pad_token,
-            bos_token=bos_token,
-            eos_token=eos_token,
-            mask_token=mask_token,
-            gmask_token=gmask_token,
-            smask_token=smask_token,
+            **specials,
             image_token=image_token,
             do_lower_case=do_lower_case,
             remove_space=remove_space,
