@@ -20,6 +20,15 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_hub_folders(tmp_path_factory) -> dict:
+    """A tiny hub folder of every family (random weights), written once per session (tests/tiny_folders.py)."""
+    from tiny_folders import FOLDERS, write_tiny_folder
+
+    root = tmp_path_factory.mktemp("tiny_hub_folders")
+    return {name: write_tiny_folder(name, root / name) for name in FOLDERS}
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
     from modeling_visualglm.tokenization_chatglm import ChatGLMTokenizer
 

@@ -1,7 +1,11 @@
 """Small helpers shared by the tests."""
 
 import copy
+import functools
 import math
+import subprocess
+import sys
+from pathlib import Path
 import os
 
 import pytest
@@ -156,3 +160,45 @@ def sp(tiny_tokenizer_dir):
 @pytest.fixture(scope="module")
 def tok(tiny_tokenizer):
     return tiny_tokenizer
+
+
+# --- CLI round trips shared by the conversion tests ------------------------------------------------------------
+
+
+def run_parallel(commands: dict, timeout=300, python_for=lambda command: [sys.executable]) -> dict:
+    """Run several CLI processes at once (each spends most of its time importing torch/transformers)."""
+    procs = {k: subprocess.Popen([*python_for(c), *map(str, c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+             for k, c in commands.items()}
+    results = {}
+    for k, p in procs.items():
+        out, err = p.communicate(timeout=timeout)
+        results[k] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return results
+
+
+def convert_in_process(argv: list, capsys) -> tuple[int, str, str]:
+    """``visualglm-convert ARGV --no-progress`` in this process: (exit code, stdout, stderr)."""
+    from modeling_visualglm.conversion.cli import main as convert_main
+
+    rc = convert_main([*map(str, argv), "--no-progress"])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def load_safetensors_folder(folder: Path) -> dict:
+    """Every tensor of a folder's ``*.safetensors`` shards, by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+@functools.lru_cache(maxsize=None)
+def loaded_model(folder: str):
+    """(model, tokenizer) of a hub folder through the serving loader, once per folder and process."""
+    from modeling_visualglm.tools.serving import load_model
+
+    return load_model(folder, device="cpu")

@@ -6,7 +6,6 @@ Ctrl-C in the middle of a long answer are typed as a user types them.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
@@ -16,9 +15,10 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tiny_folders import FOLDERS, write_tiny_folder
+from helpers import loaded_model
+from tiny_folders import FOLDERS
 
-from modeling_visualglm.tools.serving import load_image_source, load_model
+from modeling_visualglm.tools.serving import load_image_source
 from modeling_visualglm.tools.tiny_models import demo_image_path
 
 EXE = str(Path(sys.executable).parent / "visualglm-chat")
@@ -26,14 +26,8 @@ PROMPT = ">>> "
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat_tiny")
-    return {name: write_tiny_folder(name, root / name) for name in FOLDERS}
-
-
-@functools.lru_cache(maxsize=None)
-def _loaded(folder: str):
-    return load_model(folder, device="cpu")
+def folders(tiny_hub_folders):
+    return tiny_hub_folders
 
 
 def spawn(folder, *args) -> pexpect.spawn:
@@ -66,7 +60,7 @@ def close(child: pexpect.spawn) -> None:
 @pytest.mark.parametrize("family", FOLDERS)
 def test_streamed_answer_equals_chat(folders, family):
     """Greedy answers in the terminal (with the picture, then a follow-up that uses the history) are ``chat``'s."""
-    model, tokenizer = _loaded(str(folders[family]))
+    model, tokenizer = loaded_model(str(folders[family]))
     image = load_image_source(model, demo_image_path())
     first, history = model.chat(tokenizer, image, "What is in the picture?", do_sample=False, max_new_tokens=8)
     second, _ = model.chat(tokenizer, image, "And its colour?", history=history, do_sample=False, max_new_tokens=8)
@@ -82,7 +76,7 @@ def test_streamed_answer_equals_chat(folders, family):
 
 def test_commands_multiline_and_ctrl_c(folders):
     folder = folders["minigpt4"]
-    model, tokenizer = _loaded(str(folder))
+    model, tokenizer = loaded_model(str(folder))
     child = spawn(folder, "--greedy", "--max-new-tokens", "6")
     assert ask(child, "/history") == "[no conversation yet]\n"
     # a question over two lines (backslash) and a \"\"\" block: the model gets the lines joined by newlines

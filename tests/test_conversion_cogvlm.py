@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_parallel
 import torch
 from safetensors.torch import save_file
 from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
@@ -80,6 +81,11 @@ def models(tokenizer):
 
 @pytest.fixture(scope="module")
 def inputs(models, tokenizer):
+    return cogvlm_inputs(models, tokenizer)
+
+
+def cogvlm_inputs(models, tokenizer) -> dict:
+    """Per version: the ids of one image prompt and the demo picture's pixels, as the processor makes them."""
     res = {}
     for version, model in models.items():
         cfg = model.config
@@ -257,16 +263,6 @@ def write_sat(folder: Path, model) -> Path:
 
 
 # --- sources and conversions (subprocess, as users run them) -------------------------------------------
-
-def run_parallel(commands: dict, timeout=300) -> dict:
-    procs = {k: subprocess.Popen([PY, *map(str, c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in commands.items()}
-    results = {}
-    for k, p in procs.items():
-        out, err = p.communicate(timeout=timeout)
-        results[k] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
-    return results
-
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, models, tok_dir):

@@ -19,14 +19,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
+from helpers import convert_in_process, load_safetensors_folder
 from modeling_visualglm.conversion.cli import main as convert_main
 from test_conversion_llama import VOCAB, train_llama_spm  # the same tiny LLaMA-like tokenizer
 
 ARCH = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             rms_norm_eps=1e-6, max_position_embeddings=2048)
+
+
+def convert(base: Path, delta: Path, out: Path, capsys, *extra) -> tuple[int, str, str]:
+    return convert_in_process(["--format", "fastchat-delta", "--base", base, "--delta", delta, "--out", out, *extra],
+                              capsys)
 
 
 def llama_state_dict(vocab: int, seed: int, scale: float, arch=ARCH) -> dict:
@@ -99,20 +105,6 @@ def models(tmp_path_factory, spm_dir) -> dict:
     return m
 
 
-def convert(base: Path, delta: Path, out: Path, capsys, *extra) -> tuple[int, str, str]:
-    rc = convert_main(["--format", "fastchat-delta", "--base", str(base), "--delta", str(delta), "--out", str(out),
-                       "--no-progress", *extra])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def load_folder(folder: Path) -> dict:
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 def assert_bit_equal(ours: dict, ref: dict):
     assert set(ours) == set(ref)
     for k in ref:
@@ -132,8 +124,8 @@ def test_v1_1_equals_fastchat_apply_delta(base_layout, delta_layout, models, tmp
     capsys.readouterr()
     rc, out, err = convert(base, delta, tmp_path / "ours", capsys)
     assert rc == 0, err
-    ref = load_folder(tmp_path / "fastchat")
-    assert_bit_equal(load_folder(tmp_path / "ours"), ref)
+    ref = load_safetensors_folder(tmp_path / "fastchat")
+    assert_bit_equal(load_safetensors_folder(tmp_path / "ours"), ref)
     # not trivially equal: the sum moved every tensor away from the base
     assert not torch.equal(ref["model.norm.weight"], models["base_sd"]["model.norm.weight"])
     a, b = AutoConfig.from_pretrained(tmp_path / "ours"), AutoConfig.from_pretrained(tmp_path / "fastchat")
@@ -164,7 +156,7 @@ def v0_1_10_apply_delta(base_path: Path, delta_path: Path) -> dict:
 def test_v0_equals_fastchat_0_1_10(models, tmp_path, capsys):
     rc, out, err = convert(models["base", "st"], models["delta-v0"], tmp_path / "ours", capsys)
     assert rc == 0, err
-    ours = load_folder(tmp_path / "ours")
+    ours = load_safetensors_folder(tmp_path / "ours")
     ref = v0_1_10_apply_delta(models["base", "st"], models["delta-v0"])
     assert_bit_equal(ours, ref)
     assert ours["model.embed_tokens.weight"].shape[0] == ours["lm_head.weight"].shape[0] == VOCAB + 1
@@ -188,7 +180,7 @@ def test_fastchat_0_2_36_cannot_apply_a_v0_delta(models, tmp_path):
 def test_float32_sum_is_exact(models, tmp_path, capsys):
     rc, _, err = convert(models["base", "st"], models["delta", "bin"], tmp_path / "o", capsys, "--dtype", "float32")
     assert rc == 0, err
-    ours = load_folder(tmp_path / "o")
+    ours = load_safetensors_folder(tmp_path / "o")
     base, delta = models["base_sd"], models["delta_sd"]
     fp16_differs = False
     for k, v in ours.items():
@@ -238,7 +230,7 @@ def test_early_conversion_quirks_are_repaired(models, spm_dir, tmp_path, capsys)
     assert cfg_out.architectures == ["LlamaForCausalLM"] and cfg_out.max_position_embeddings == 2048
     gen = GenerationConfig.from_pretrained(folder)
     assert (gen.bos_token_id, gen.eos_token_id) == (1, 2)
-    ours = load_folder(folder)
+    ours = load_safetensors_folder(folder)
     assert not any("inv_freq" in k for k in ours)
     assert torch.equal(ours["model.norm.weight"], models["base_sd"]["model.norm.weight"] + models["delta_sd"]["model.norm.weight"])
 

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
 from tiny_llama_tokenizer import TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
+from helpers import convert_in_process, load_safetensors_folder
 from modeling_visualglm.conversion.cli import main as convert_main
 from modeling_visualglm.conversion.ops import concat_mp_shards, replicated, rope_permute
 
@@ -51,6 +52,10 @@ COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 TEXTS = ["the cat sat on the mat", "Question: what is this? Answer: a red box.", "hello  world\n  USER: hi",
          "ünïcödé 你好 [[012,345]]"]
+
+
+def convert(src: Path, out: Path, capsys, *extra) -> tuple[int, str, str]:
+    return convert_in_process(["--format", "llama-original", "--src", src, "--out", out, *extra], capsys)
 
 
 # --- tiny Meta checkpoints ------------------------------------------------------------------------------
@@ -153,19 +158,6 @@ def checkpoints(tmp_path_factory, spm_file) -> dict:
             1: write_meta(root / f"{name}-mp1", preset, full, 1, spm_file),
         }
     return out
-
-
-def convert(src: Path, out: Path, capsys, *extra) -> tuple[int, str, str]:
-    rc = convert_main(["--format", "llama-original", "--src", str(src), "--out", str(out), "--no-progress", *extra])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def load_folder(folder: Path) -> dict:
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
 
 
 @pytest.fixture(scope="session")
@@ -296,13 +288,13 @@ def references(tmp_path_factory, checkpoints) -> dict:
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_equals_transformers_4_45_converter_bit_for_bit(name, checkpoints, references, tmp_path, capsys):
     ref_dir = references[name]
-    ref = load_folder(ref_dir)
+    ref = load_safetensors_folder(ref_dir)
     assert {v.dtype for v in ref.values()} == {torch.bfloat16}  # the script always saves bfloat16
     # compare in the reference's dtype: the fp16 preset converted with --dtype bfloat16, the bf16 one kept
     extra = ["--dtype", "bfloat16"] if PRESETS[name]["dtype"] != torch.bfloat16 else []
     rc, _, err = convert(checkpoints[name][2], tmp_path / "ours", capsys, *extra)
     assert rc == 0, err
-    ours = load_folder(tmp_path / "ours")
+    ours = load_safetensors_folder(tmp_path / "ours")
     assert set(ours) == set(ref)
     for k in ref:
         assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
@@ -382,7 +374,7 @@ def test_logits_equal_metas_forward(name, n, checkpoints, converted):
 
 def test_sharding_invariance_and_source_dtype(converted):
     for name, preset in PRESETS.items():
-        two, one = load_folder(converted[name, 2]), load_folder(converted[name, 1])
+        two, one = load_safetensors_folder(converted[name, 2]), load_safetensors_folder(converted[name, 1])
         assert set(two) == set(one)
         for k in two:
             assert two[k].dtype == preset["dtype"], k  # --dtype keep
@@ -439,7 +431,7 @@ def test_several_output_shards_with_an_index(checkpoints, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(tmp_path / "o")
-    ref = load_folder(tmp_path / "o")
+    ref = load_safetensors_folder(tmp_path / "o")
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
 
 

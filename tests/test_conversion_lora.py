@@ -31,16 +31,13 @@ import torch
 from helpers import rel_err
 from torch import nn
 
-from modeling_visualglm.image_processing_cogvlm import CogVLMImageProcessor
 from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
 from modeling_visualglm.modeling_visualglm import VisualGLMForConditionalGeneration
-from modeling_visualglm.processing_cogvlm import build_cogvlm_inputs, build_cogvlm_prompt
 from modeling_visualglm.processing_visualglm import build_visualglm_inputs
-from modeling_visualglm.tools.tiny_models import demo_image_path, randomize_, tiny_cogvlm_tokenized_config
 
 from modeling_visualglm.conversion.cli import main as convert_main
 from modeling_visualglm.conversion.ops import OPS
-from test_conversion_cogvlm import models, tok_dir, tokenizer
+from test_conversion_cogvlm import cogvlm_inputs, models, tok_dir, tokenizer
 from test_conversion_cogvlm import sat_config_json as cogvlm_sat_config, to_sat as cogvlm_to_sat
 from test_conversion_visualglm import QUERY, assert_nothing_left, build_sat_visualglm, inputs, ours, to_sat, write_sat
 
@@ -280,14 +277,7 @@ VIT_LAYERS = [1]
 
 @pytest.fixture(scope="module")
 def cog_inputs(models, tokenizer):
-    res = {}
-    for version, model in models.items():
-        cfg = model.config
-        ids = build_cogvlm_inputs(tokenizer, build_cogvlm_prompt("what is this?"), True, cfg.num_image_tokens,
-                                  cfg.image_token_id)
-        pixels = CogVLMImageProcessor(size=cfg.vision_config.image_size)(demo_image_path(), return_tensors="pt")
-        res[version] = {"input_ids": torch.tensor([ids]), "pixel_values": pixels["pixel_values"]}
-    return res
+    return cogvlm_inputs(models, tokenizer)
 
 
 def _lora_sites(model):

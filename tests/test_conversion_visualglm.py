@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_parallel
 import torch
 from torch import nn
 
@@ -246,18 +247,6 @@ def write_hf(folder: Path, ours, tokenizer_dir: Path, shards: int = 3) -> Path:
 
 def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([PY, *args], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def run_parallel(commands: dict, timeout=300, python_for=lambda command: [PY]) -> dict:
-    """Run several CLI processes at once (each spends most of its time importing torch/transformers)."""
-    procs = {k: subprocess.Popen([*python_for(c), *map(str, c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
-             for k, c in commands.items()}
-    results = {}
-    for k, p in procs.items():
-        out, err = p.communicate(timeout=timeout)
-        results[k] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
-    return results
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,11 @@ import openai
 import pytest
 from PIL import Image
 
-from tiny_folders import FOLDERS, write_tiny_folder
+from helpers import loaded_model
+from tiny_folders import FOLDERS
 
 from modeling_visualglm.tools import shapes
 from modeling_visualglm.tools.serve import create_app, parse_messages, running_server
-from modeling_visualglm.tools.serving import load_model
 from modeling_visualglm.tools.tiny_models import demo_image_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +37,8 @@ QUESTION = "What colour is the shape?"
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_tiny")
-    return {name: write_tiny_folder(name, root / name) for name in FOLDERS}
-
-
-@functools.lru_cache(maxsize=None)
-def _loaded(folder: str):
-    return load_model(folder, device="cpu")
+def folders(tiny_hub_folders):
+    return tiny_hub_folders
 
 
 def data_url(image: Image.Image) -> str:
@@ -100,7 +94,7 @@ def wait_until(predicate, timeout=30.0, what="condition"):
 @pytest.mark.parametrize("family", FOLDERS)
 def test_answers_equal_chat_for_every_family(folders, family):
     """Non-streamed and streamed answers (with a data: picture, with history, text only) equal ``model.chat``."""
-    model, tokenizer = _loaded(str(folders[family]))
+    model, tokenizer = loaded_model(str(folders[family]))
     image = picture(3)
     want = reference(model, tokenizer, image, QUESTION)
     history = [(QUESTION, "red")]
@@ -131,7 +125,7 @@ def test_answers_equal_chat_for_every_family(folders, family):
 
 def test_concurrent_requests_share_generate_calls(folders):
     """16 concurrent requests (pictures and text, streamed and not) are batched, and each answer is its own."""
-    model, tokenizer = _loaded(str(folders["minigpt4"]))
+    model, tokenizer = loaded_model(str(folders["minigpt4"]))
     images = [picture(i) if i % 3 else None for i in range(16)]
     queries = [shapes.question(shapes.KINDS[i % 4], "en") for i in range(16)]
     want = [reference(model, tokenizer, im, q, max_new_tokens=8) for im, q in zip(images, queries)]
@@ -157,7 +151,7 @@ def test_concurrent_requests_share_generate_calls(folders):
 def test_sampling_fields(folders):
     """``temperature: 0`` is greedy (repeatable); ``max_tokens`` bounds the answer; ``stop`` cuts it; a sampled
     request runs with the family's sampler and still answers."""
-    model, tokenizer = _loaded(str(folders["cogvlm"]))
+    model, tokenizer = loaded_model(str(folders["cogvlm"]))
     image = picture(5)
     app = create_app(model, tokenizer, model_name="m")
     with running_server(app) as url:
@@ -185,7 +179,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 def test_http_url_and_local_files(folders, tmp_path):
     """http(s) pictures go through the folder's bounded loader; local paths only with ``allow_local_files``."""
-    model, tokenizer = _loaded(str(folders["visualglm"]))
+    model, tokenizer = loaded_model(str(folders["visualglm"]))
     image = picture(7)
     image.save(tmp_path / "shape.png")
     (tmp_path / "big.bin").write_bytes(b"\0" * (model.chat_image_processor().max_image_bytes + 1))
@@ -221,7 +215,7 @@ def test_http_url_and_local_files(folders, tmp_path):
 # --- limits and errors ------------------------------------------------------------------------------------------
 
 def test_limits_and_bad_requests(folders):
-    model, tokenizer = _loaded(str(folders["minigpt4"]))
+    model, tokenizer = loaded_model(str(folders["minigpt4"]))
     url_image = data_url(picture(1))
     app = create_app(model, tokenizer, model_name="m", max_tokens_limit=32, max_body_bytes=200_000)
     with running_server(app) as url:
@@ -267,7 +261,7 @@ def test_parse_messages():
 
 
 def test_api_key(folders):
-    model, tokenizer = _loaded(str(folders["minigpt4"]))
+    model, tokenizer = loaded_model(str(folders["minigpt4"]))
     app = create_app(model, tokenizer, model_name="m", api_key="s3cret")
     with running_server(app) as url:
         assert httpx.get(url.removesuffix("/v1") + "/health").json()["status"] == "ok"  # probes need no key
@@ -287,7 +281,7 @@ def test_api_key(folders):
 def test_bounded_queue_refuses_with_retry_after(folders, monkeypatch):
     """A busy worker and a full queue: the next request gets 429 + Retry-After at once; those that waited longer
     than the queue timeout get 503 + Retry-After; every accepted request is answered right once the worker frees."""
-    model, tokenizer = _loaded(str(folders["minigpt4"]))
+    model, tokenizer = loaded_model(str(folders["minigpt4"]))
     want = reference(model, tokenizer, None, "hi", max_new_tokens=4)
     gate = Gate(model, monkeypatch)
     app = create_app(model, tokenizer, model_name="m", max_batch_size=1, max_queue=2, queue_timeout_s=0.3)
@@ -322,7 +316,7 @@ def test_bounded_queue_refuses_with_retry_after(folders, monkeypatch):
 def test_client_disconnect_frees_its_slot(folders, monkeypatch):
     """A streaming client that goes away mid-answer, and a waiting non-streaming one that times out, are dropped:
     the row stops generating (generate returns long before max_tokens) and the queue slot is freed."""
-    model, tokenizer = _loaded(str(folders["minigpt4"]))
+    model, tokenizer = loaded_model(str(folders["minigpt4"]))
     steps = {"n": 0}
     resume = threading.Event()
     forward = model.forward
