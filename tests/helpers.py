@@ -202,3 +202,35 @@ def loaded_model(folder: str):
     from modeling_visualglm.tools.serving import load_model
 
     return load_model(folder, device="cpu")
+
+
+def edit_sat_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of the SAT folder ``src`` at ``dst`` whose rank-0 state dict went through ``edit`` (in place)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    ckpt = dst / "1" / "mp_rank_00_model_states.pt"
+    state = torch.load(ckpt, weights_only=True)
+    edit(state["module"])
+    torch.save(state, ckpt)
+    return dst
+
+
+def assert_conversion_failed(rc, err, out_dir: Path, *needles) -> None:
+    """Exit 1, every needle in the message, nothing at ``out_dir`` and no temp folder left beside it."""
+    assert rc == 1, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert not out_dir.exists()
+    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.tmp-")]
+
+
+def assert_checks_pass(folders: dict, *needles) -> None:
+    """``visualglm-export check`` on each folder (in parallel): passed, through the folder's own code."""
+    procs = run_parallel({name: ["-m", "modeling_visualglm.hub_export.cli", "check", "--folder", folder]
+                          for name, folder in folders.items()})
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name}: {proc.stdout}\n{proc.stderr}"
+        assert "check passed" in proc.stdout and "transformers_modules" in proc.stdout  # not our package
+        for needle in needles:
+            assert needle in proc.stdout, f"{name}: {needle!r} not in:\n{proc.stdout}"

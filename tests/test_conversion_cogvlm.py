@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_parallel
+from helpers import assert_checks_pass, edit_sat_copy, run_parallel
 import torch
 from safetensors.torch import save_file
 from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
@@ -347,12 +347,8 @@ def test_folders_are_complete_with_cogvlm_code_only(converted, tokenizer):
 
 def test_check_passes_on_converted_folders(converted):
     # one folder per version and layout; the other two are loaded in a fresh interpreter by the logits test
-    procs = run_parallel({name: ["-m", "modeling_visualglm.hub_export.cli", "check", "--folder", converted[name][0]]
-                          for name in ("hf-cogvlm", "sat-cogvlm2")})
-    for name, proc in procs.items():
-        assert proc.returncode == 0, f"{name}: {proc.stdout}\n{proc.stderr}"
-        assert "check passed" in proc.stdout and "processor: CogVLMProcessor" in proc.stdout
-        assert "transformers_modules" in proc.stdout
+    assert_checks_pass({name: converted[name][0] for name in ("hf-cogvlm", "sat-cogvlm2")},
+                       "processor: CogVLMProcessor")
 
 
 LOGITS_CHILD = r"""
@@ -392,15 +388,6 @@ def convert_in_process(fmt, src, out, capsys, tokenizer=None):
     return visualglm_convert_in_process(src, out, capsys, fmt=fmt, tokenizer=tokenizer)
 
 
-def edit_sat(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    ckpt = dst / "1" / "mp_rank_00_model_states.pt"
-    state = torch.load(ckpt, weights_only=True)
-    edit(state["module"])
-    torch.save(state, ckpt)
-    return dst
-
-
 def edit_hf_v2(src: Path, dst: Path, edit) -> Path:
     """Apply ``edit`` to the merged state dict and write it back as one ``pytorch_model.bin``."""
     shutil.copytree(src, dst)
@@ -420,13 +407,13 @@ def _reshape(key):
 
 
 BAD = {
-    "sat missing key": ("sat-cogvlm", edit_sat, lambda sd: sd.pop("mixins.mlp.vision_gate_proj.1.weight"),
+    "sat missing key": ("sat-cogvlm", edit_sat_copy, lambda sd: sd.pop("mixins.mlp.vision_gate_proj.1.weight"),
                         "missing: 'language_model.layers.1.mlp.vision_mlp.gate_proj.weight' [96, 64] needs source "
                         "tensor 'mixins.mlp.vision_gate_proj.1.weight'"),
-    "sat extra key": ("sat-cogvlm", edit_sat,
+    "sat extra key": ("sat-cogvlm", edit_sat_copy,
                       lambda sd: sd.__setitem__("mixins.eva.vit_model.transformer.layers.0.attention.rel_pos", torch.zeros(3)),
                       "unexpected source tensor 'mixins.eva.vit_model.transformer.layers.0.attention.rel_pos' [3]"),
-    "sat wrong shape": ("sat-cogvlm2", edit_sat, _reshape("mixins.eva.boi"),
+    "sat wrong shape": ("sat-cogvlm2", edit_sat_copy, _reshape("mixins.eva.boi"),
                         "wrong shape: 'adapter.boi' would be [2, 1, 64]"),
     "hf missing conv bias": ("hf-cogvlm2", edit_hf_v2, lambda sd: sd.pop("model.vision.conv.bias"),
                              "missing: 'adapter.conv.bias' [32] needs source tensor 'model.vision.conv.bias'"),

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from tiny_llama_tokenizer import SHAPE_TEXT, TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
-from helpers import convert_in_process, load_safetensors_folder
+from helpers import assert_conversion_failed, convert_in_process, load_safetensors_folder
 from modeling_visualglm.conversion.cli import main as convert_main
 from test_conversion_llama import VOCAB, train_llama_spm  # the same tiny LLaMA-like tokenizer
 
@@ -252,25 +252,17 @@ def test_delta_tokenizer_shapes(shape, models, spm_dir, tmp_path, capsys):
 
 # --- bad input --------------------------------------------------------------------------------------------
 
-def _assert_failed(rc, err, out_dir: Path, *needles):
-    assert rc == 1, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in:\n{err}"
-    assert not out_dir.exists()
-    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.tmp-")]
-
-
 def test_delta_of_another_model(models, spm_dir, tmp_path, capsys):
     arch = dict(ARCH, hidden_size=80, num_attention_heads=5, num_key_value_heads=5)
     other = llama_state_dict(VOCAB, seed=3, scale=0.05, arch=arch)
     delta = write_model(tmp_path / "delta", other, "bin-shards", spm_dir, config_json(VOCAB, **arch))
     rc, _, err = convert(models["base", "st"], delta, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", "is for a different model than the base",
+    assert_conversion_failed(rc, err, tmp_path / "o", "is for a different model than the base",
                    "hidden_size: base 64, delta 80", "num_attention_heads: base 4, delta 5")
     # without a config.json the tensor shapes tell
     (delta / "config.json").unlink()
     rc, _, err = convert(models["base", "st"], delta, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", "add_delta cannot convert ['base.model.layers.0.self_attn.q_proj.weight', "
+    assert_conversion_failed(rc, err, tmp_path / "o", "add_delta cannot convert ['base.model.layers.0.self_attn.q_proj.weight', "
                    "'delta.model.layers.0.self_attn.q_proj.weight'] [[64, 64], [80, 80]]", "the shapes must be equal",
                    "only the vocabulary rows of embed_tokens/lm_head may differ")
 
@@ -299,26 +291,26 @@ def _edited_delta(models, spm_dir, tmp_path, edit) -> Path:
 def test_mismatched_delta_tensors(edit, needles, models, spm_dir, tmp_path, capsys):
     delta = _edited_delta(models, spm_dir, tmp_path, edit)
     rc, _, err = convert(models["base", "st"], delta, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", *needles)
+    assert_conversion_failed(rc, err, tmp_path / "o", *needles)
 
 
 def test_not_a_llama_and_unreadable_inputs(models, spm_dir, tmp_path, capsys):
     base = shutil.copytree(models["base", "st"], tmp_path / "base")
     (base / "config.json").write_text(json.dumps({**config_json(VOCAB), "model_type": "gpt2"}))
     rc, _, err = convert(base, models["delta", "st"], tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", "base config.json: model_type 'gpt2', not 'llama'")
+    assert_conversion_failed(rc, err, tmp_path / "o", "base config.json: model_type 'gpt2', not 'llama'")
 
     delta = shutil.copytree(models["delta", "bin-shards"], tmp_path / "delta")
     shard = delta / "pytorch_model-00002-of-00002.bin"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     rc, _, err = convert(models["base", "st"], delta, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", "pytorch_model-00002-of-00002.bin: truncated or corrupt")
+    assert_conversion_failed(rc, err, tmp_path / "o", "pytorch_model-00002-of-00002.bin: truncated or corrupt")
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(config_json(VOCAB)))
     rc, _, err = convert(models["base", "st"], empty, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", "no transformers weights")
+    assert_conversion_failed(rc, err, tmp_path / "o", "no transformers weights")
 
     rc = convert_main(["--format", "fastchat-delta", "--base", str(models["base", "st"]), "--out", str(tmp_path / "o")])
     assert rc == 2 and "needs --delta" in capsys.readouterr().err

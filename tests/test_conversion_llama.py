@@ -30,7 +30,7 @@ import torch
 
 from tiny_llama_tokenizer import TOKENIZER_SHAPES, sentencepiece_ids, write_tokenizer_shape
 
-from helpers import convert_in_process, load_safetensors_folder
+from helpers import assert_conversion_failed, convert_in_process, load_safetensors_folder
 from modeling_visualglm.conversion.cli import main as convert_main
 from modeling_visualglm.conversion.ops import concat_mp_shards, replicated, rope_permute
 
@@ -437,19 +437,11 @@ def test_several_output_shards_with_an_index(checkpoints, tmp_path, capsys):
 
 # --- bad input --------------------------------------------------------------------------------------------
 
-def _assert_failed(rc, err, out_dir: Path, *needles):
-    assert rc == 1, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in:\n{err}"
-    assert not out_dir.exists()
-    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.tmp-")]
-
-
 def test_missing_rank(checkpoints, tmp_path, capsys):
     src = shutil.copytree(checkpoints["llama1"][2], tmp_path / "src")
     (src / "consolidated.01.pth").rename(src / "consolidated.02.pth")
     rc, _, err = convert(src, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", "are not numbered 00..01 (a rank is missing)")
+    assert_conversion_failed(rc, err, tmp_path / "o", "are not numbered 00..01 (a rank is missing)")
 
 
 def test_ranks_from_different_checkpoints(checkpoints, spm_file, tmp_path, capsys):
@@ -458,7 +450,7 @@ def test_ranks_from_different_checkpoints(checkpoints, spm_file, tmp_path, capsy
     b = write_meta(tmp_path / "b", preset, meta_full(preset, seed=2), 2, spm_file)
     shutil.copy(b / "consolidated.01.pth", a / "consolidated.01.pth")
     rc, _, err = convert(a, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", "replicated refused", "come from different checkpoints")
+    assert_conversion_failed(rc, err, tmp_path / "o", "replicated refused", "come from different checkpoints")
 
 
 @pytest.mark.parametrize("edit, needles", [
@@ -477,25 +469,25 @@ def test_inconsistent_params_are_reported(edit, needles, checkpoints, tmp_path, 
     edit(params)
     (src / "params.json").write_text(json.dumps(params))
     rc, _, err = convert(src, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", *needles)
+    assert_conversion_failed(rc, err, tmp_path / "o", *needles)
 
 
 def test_wrong_tokenizers(checkpoints, tmp_path, capsys):
     src = shutil.copytree(checkpoints["llama1"][2], tmp_path / "src")
     (src / "tokenizer.model").write_bytes(b"IWg9PQ== 0\nIQ== 1\n")  # Llama 3's tiktoken format
     rc, _, err = convert(src, tmp_path / "o", capsys)
-    _assert_failed(rc, err, tmp_path / "o", "not a SentencePiece model", "tiktoken")
+    assert_conversion_failed(rc, err, tmp_path / "o", "not a SentencePiece model", "tiktoken")
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_prefix=str(tmp_path / "big"),
                                    vocab_size=450, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
                                    pad_id=-1, minloglevel=2)
     rc, _, err = convert(src, tmp_path / "o", capsys, "--tokenizer", str(tmp_path / "big.model"))
-    _assert_failed(rc, err, tmp_path / "o", "has 450 pieces but tok_embeddings only 400 rows")
+    assert_conversion_failed(rc, err, tmp_path / "o", "has 450 pieces but tok_embeddings only 400 rows")
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "tokenizer_config.json").write_text("{}")
     rc, _, err = convert(src, tmp_path / "o", capsys, "--tokenizer", str(tmp_path / "config-only"))
-    _assert_failed(rc, err, tmp_path / "o", "no tokenizer.model or tokenizer.json there (it has tokenizer_config.json)")
+    assert_conversion_failed(rc, err, tmp_path / "o", "no tokenizer.model or tokenizer.json there (it has tokenizer_config.json)")
 
 
 def test_no_tokenizer_still_writes_weights(checkpoints, tmp_path, capsys):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import edit_sat_copy, rel_err
 from torch import nn
 
 from modeling_visualglm.modeling_cogvlm import CogVLMForConditionalGeneration
@@ -194,15 +194,6 @@ def test_visualglm_adapter_folder_is_peft_lora(vglm_converted, ours):
 
 # --- P-tuning v2 and bad LoRA: clear errors, nothing written ------------------------------------------------
 
-def _edited(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    ckpt = dst / "1" / "mp_rank_00_model_states.pt"
-    state = torch.load(ckpt, weights_only=True)
-    edit(state["module"])
-    torch.save(state, ckpt)
-    return dst
-
-
 def test_ptuning_prefixes_are_refused_with_what_to_do(vglm_src, vglm_sat, tiny_tokenizer_dir, tmp_path):
     from sat.model.finetune.prompt_tuning import PTuningV2Mixin
 
@@ -211,7 +202,7 @@ def test_ptuning_prefixes_are_refused_with_what_to_do(vglm_src, vglm_sat, tiny_t
     mixin = PTuningV2Mixin(layers, t.hidden_size // heads, heads, 4)  # as FineTuneVisualGLMModel adds it
     prefixes = {f"mixins.ptuning.{k}": v.detach() for k, v in mixin.state_dict().items()}
     assert sorted(prefixes) == [f"mixins.ptuning.prefix.{i}" for i in range(layers)]
-    src = _edited(vglm_src, tmp_path / "ptuning", lambda sd: sd.update(prefixes))
+    src = edit_sat_copy(vglm_src, tmp_path / "ptuning", lambda sd: sd.update(prefixes))
     for extra in ((), ("--lora-as-adapter",)):
         rc, _, err = convert(src, tmp_path / "out", *extra, tokenizer=tiny_tokenizer_dir)
         assert rc == 1 and "P-tuning v2 prefixes" in err and "visualglm-finetune --method lora" in err, err
@@ -233,7 +224,7 @@ def _drop(key):
      ("needs ['transformer.layers.1.attention.dense.matrix_B.1']",) * 2),
 ], ids=["missing-pair", "rank-mismatch", "extra-partition"])
 def test_broken_lora_is_listed_and_nothing_is_written(edit, messages, vglm_src, tiny_tokenizer_dir, tmp_path):
-    src = _edited(vglm_src, tmp_path / "broken", edit)
+    src = edit_sat_copy(vglm_src, tmp_path / "broken", edit)
     for extra, message in zip(((), ("--lora-as-adapter",)), messages):
         rc, _, err = convert(src, tmp_path / "out", *extra, tokenizer=tiny_tokenizer_dir)
         assert rc == 1 and message in err, err
@@ -251,11 +242,11 @@ def _without_lora(sd):
 
 def test_adapter_flag_misuse(vglm_src, tiny_tokenizer_dir, tmp_path):
     out = tmp_path / "out"
-    rank = _edited(vglm_src, tmp_path / "rank", lambda sd: None)
+    rank = edit_sat_copy(vglm_src, tmp_path / "rank", lambda sd: None)
     _finetune_config(rank, lora_rank=RANK + 1)
     rc, _, err = convert(rank, out, tokenizer=tiny_tokenizer_dir)
     assert rc == 1 and f"has rank {RANK} but model_config.json says lora_rank {RANK + 1}" in err, err
-    plain = _edited(vglm_src, tmp_path / "plain", _without_lora)
+    plain = edit_sat_copy(vglm_src, tmp_path / "plain", _without_lora)
     rc, _, err = convert(plain, out, "--lora-as-adapter", tokenizer=tiny_tokenizer_dir)
     assert rc == 1 and "has no LoRA" in err and "convert it without the flag" in err, err
     foreign = tmp_path / "mine"  # an existing folder this tool did not write
