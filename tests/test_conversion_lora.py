@@ -22,7 +22,6 @@ import contextlib
 import copy
 import io
 import json
-import shutil
 import warnings
 from pathlib import Path
 

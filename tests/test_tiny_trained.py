@@ -25,11 +25,12 @@ CASES = [(shapes.Scene(c, s, p, (1 << 30) + 7919 * i), shapes.KINDS[i % 4], shap
          for i, (c, s, p) in enumerate(SCENES)]
 
 
-# The fixed cases each shipped model answers wrongly, as measured on the shipped weights: empty for a family that
-# reached the issue's >= 95 % held-out bar (docs/tiny_models.md). A family below the bar records its misses here, so
-# the test states the truth instead of skipping; its training.json accuracy is then asserted as measured, not >= 95 %.
-KNOWN_WRONG: dict[str, set[int]] = {}
-BELOW_TARGET: dict[str, float] = {}  # family -> shipped held-out accuracy, for a family that missed 95 %
+# The fixed cases each shipped model answers wrongly, as measured on the shipped weights (indices into CASES), so the
+# test states the truth instead of skipping. MiniGPT-4 (98.65 % held out) answers all 12. VisualGLM (98.96 % held
+# out) calls the purple circle of case 11 a square in its English description (its other answers about that picture
+# and the other 11 are right). CogVLM is below the issue's 95 % (92.94 %) and misses two descriptions.
+KNOWN_WRONG: dict[str, set[int]] = {"visualglm": {11}, "cogvlm": {7, 11}}
+BELOW_TARGET: dict[str, float] = {"cogvlm": 0.9294}  # family -> shipped held-out accuracy, for a family that missed 95 %
 
 # a family without shipped weights is skipped by name, never silently (issue 15 lists what is left)
 FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.skip(reason=f"no trained {f} shipped yet (issue 15)"))
@@ -59,7 +60,7 @@ def test_shipped_files_are_small_fp16_with_a_measured_accuracy(hub_model):
     with safe_open(str(weights), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
-    assert record["held_out"]["size"] == 224 and record["held_out"]["questions"] == 1296
+    assert record["held_out"]["size"] == 224 and record["held_out"]["questions"] == 2592
     if family in BELOW_TARGET:
         assert record["held_out"]["accuracy"] == BELOW_TARGET[family]
     else:
