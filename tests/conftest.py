@@ -28,6 +28,29 @@ def tiny_hub_folders(tmp_path_factory) -> dict:
     return {name: write_tiny_folder(name, root / name) for name in FOLDERS}
 
 
+def shipped_trained_families() -> list[str]:
+    """The families whose tiny *trained* model ships in tools/trained (docs/tiny_models.md)."""
+    from pathlib import Path
+
+    from modeling_visualglm.tools.tiny_models import TRAINED_FAMILIES, trained_dir
+
+    return [f for f in TRAINED_FAMILIES if (Path(str(trained_dir(f))) / "model.safetensors").is_file()]
+
+
+@pytest.fixture(scope="session")
+def trained_hub_folders(tmp_path_factory) -> dict:
+    """A hub folder of every shipped tiny trained model (fp16 weights, written by the project's writer)."""
+    from modeling_visualglm.tools.tiny_models import load_trained
+    from modeling_visualglm.tools.train_tiny import FAMILIES, write_hub
+
+    root = tmp_path_factory.mktemp("trained_hub_folders")
+    folders = {}
+    for family in shipped_trained_families():
+        model, tokenizer = load_trained(family)
+        folders[family] = write_hub(FAMILIES[family], model, tokenizer, root / family)
+    return folders
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
     from modeling_visualglm.tokenization_chatglm import ChatGLMTokenizer

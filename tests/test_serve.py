@@ -25,6 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
+from conftest import shipped_trained_families
 from helpers import loaded_model
 from tiny_folders import FOLDERS
 
@@ -382,15 +383,43 @@ def test_docs_session_block(folders, tmp_path):
 
 # --- load -------------------------------------------------------------------------------------------------------
 
-def test_load_short(folders):
+def test_load_short(folders, trained_hub_folders):
     """The load test (benchmarks/modes/serve_load.py) in short: 32 openai clients, 64 requests with pictures, half
     streamed: nothing lost, every answer equal to ``model.chat``; a burst at a small queue is refused in part (429 +
     Retry-After) and every other answer is right."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.modes.serve_load import load_test
 
-    data = load_test(str(folders["minigpt4"]), clients=32, requests=64, max_tokens=8, burst_queue=4,
+    trained = "minigpt4" in shipped_trained_families()
+    folder = trained_hub_folders["minigpt4"] if trained else folders["minigpt4"]
+    data = load_test(str(folder), clients=32, requests=64, max_tokens=16, burst_queue=4, check_truth=trained,
                      log=lambda *_: None)
     assert data["concurrent"]["ok"] == 64 and data["one_at_a_time"]["ok"] == 64
     assert data["engine"]["max_rows"] > 1
     assert data["burst"]["refused_429"] > 0
+
+
+# --- content: the tiny trained models answer right through the server -------------------------------------------
+
+@pytest.mark.parametrize("family", shipped_trained_families())
+def test_trained_model_answers_right_through_the_server(trained_hub_folders, family):
+    """The tiny trained model (docs/tiny_models.md) behind the server: the openai client, streamed and not, in
+    English and Chinese, gets the true colour/shape/place of fresh rendered pictures."""
+    model, tokenizer = loaded_model(str(trained_hub_folders[family]))
+    scenes = [shapes.Scene(colour, shape, cell, seed=2**31 + 17 * colour + 5 * shape + cell)
+              for colour, shape, cell in ((0, 0, 0), (2, 1, 4), (5, 2, 8))]
+    kinds = [("colour", "en"), ("shape", "zh"), ("where", "en"), ("describe", "zh")]
+    with running_server(create_app(model, tokenizer, model_name=family)) as url:
+        c = client(url)
+        for i, scene in enumerate(scenes):
+            for j, (kind, language) in enumerate(kinds):
+                message = [user(shapes.question(kind, language), data_url(shapes.render(scene, 224)))]
+                want = shapes.answer(scene, kind, language)
+                if (i + j) % 2:
+                    chunks = c.chat.completions.create(model=family, messages=message, temperature=0,
+                                                       max_tokens=24, stream=True)
+                    got = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+                else:
+                    got = c.chat.completions.create(model=family, messages=message, temperature=0,
+                                                    max_tokens=24).choices[0].message.content
+                assert got.strip() == want, (scene, kind, language, got)

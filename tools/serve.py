@@ -103,7 +103,9 @@ def parse_messages(messages) -> tuple[str, list[tuple[str, str]], list[str]]:
 
 def sampling_from_request(body: dict, max_tokens_limit: int, defaults: dict) -> dict:
     """The request's sampling fields → ``chat`` keyword overrides (absent fields keep the family's defaults)."""
-    out: dict = {}
+    # OpenAI's API has no minimum length: an answer ends where the model ends it (VisualGLM's chat default of
+    # min_length=100 would force text past the end of a short answer)
+    out: dict = {"min_length": 0}
     n = body.get("n", 1)
     if n not in (1, None):
         raise ApiError(400, "n > 1 is not supported", param="n")
