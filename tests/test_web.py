@@ -24,6 +24,8 @@ from tiny_folders import write_tiny_folder
 from modeling_visualglm.tools import shapes
 from modeling_visualglm.tools.serving import load_model
 
+from conftest import shipped_trained_families
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = ROOT / "docs" / "images" / "web_demo.png"
@@ -36,9 +38,10 @@ def letters(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
+def web(tmp_path_factory, trained_hub_folders):
     tmp = tmp_path_factory.mktemp("web")
-    folder = write_tiny_folder("cogvlm", tmp / "cogvlm")
+    # the tiny trained CogVLM (it knows coloured shapes); a random tiny folder only where none is shipped
+    folder = trained_hub_folders.get("cogvlm") or write_tiny_folder("cogvlm", tmp / "cogvlm")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -74,12 +77,15 @@ def test_upload_ask_and_read_the_answer_in_chromium(web):
 
     url, folder, tmp = web
     picture = tmp / "shape.png"
-    shapes.render(shapes.Scene(0, 1, 4, 11), 224).save(picture)
+    scene = shapes.Scene(0, 1, 4, 11)  # a red square in the center
+    shapes.render(scene, 224).save(picture)
     model, tokenizer = load_model(str(folder), device="cpu")
     from PIL import Image
 
     want, _ = model.chat(tokenizer, Image.open(picture), QUESTION)  # the family's defaults, as the page uses them
     assert letters(want), f"pick another picture: the tiny model's answer {want!r} has no letters to compare"
+    if "cogvlm" in shipped_trained_families():
+        assert want == shapes.answer(scene, "colour", "en") == "red"  # the page must show the true answer
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
