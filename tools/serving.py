@@ -55,6 +55,8 @@ def sampling_overrides(args) -> dict:
             out[key] = value
     if out.get("min_new_tokens") is not None:
         out["min_length"] = 0  # VisualGLM's default min_length (prompt included) would otherwise still apply
+        if out["min_new_tokens"] == 0:
+            del out["min_new_tokens"]  # min_length=0 says it all (both set makes transformers warn)
     return out
 
 
