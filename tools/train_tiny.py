@@ -215,7 +215,7 @@ FAMILIES = {"visualglm": VisualGLM(), "minigpt4": MiniGPT4(), "cogvlm": CogVLM()
 # ~100 % on colour, shape and cell (the Q-Former towers need ~3000 steps for the shape; CogVLM's 49 patch tokens go
 # to the LM unpooled and reach it in ~1200), stage 2 until the answer loss is ~0.01 (CogVLM's LM has to find the
 # cell among 49 image tokens itself and wants more). Each run takes 7.5-8.5 min on 2 cores (docs/tiny_models.md).
-STEPS = {"visualglm": (3000, 2000), "minigpt4": (3000, 1700), "cogvlm": (1200, 3000)}
+STEPS = {"visualglm": (3000, 2000), "minigpt4": (3000, 1700), "cogvlm": (1200, 4400)}
 
 
 # --- data -------------------------------------------------------------------------------------------------------
