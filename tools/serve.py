@@ -21,11 +21,10 @@ import hmac
 import json
 import math
 import os
-import sys
 import time
 import uuid
 
-from .serving import ImageError, add_model_arguments, load_image_source, load_model
+from .serving import ImageError, add_model_arguments, load_image_source, load_model, missing_extra
 from .serving_engine import Engine, EngineClosed, QueueFull
 
 SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "stream")
@@ -365,11 +364,10 @@ def main(argv=None) -> int:
                     help="seconds a request may wait for a slot before 503 (default 60)")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
-    try:
-        import uvicorn
-    except ImportError:
-        print("visualglm-serve needs the [serve] extra: pip install 'modeling_visualglm[serve]'", file=sys.stderr)
+    if missing_extra("uvicorn", "visualglm-serve", "serve"):
         return 2
+    import uvicorn
+
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key,

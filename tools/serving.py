@@ -14,6 +14,8 @@ import binascii
 import io
 import os
 
+import sys
+
 import torch
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,6 +60,16 @@ def sampling_overrides(args) -> dict:
         if out["min_new_tokens"] == 0:
             del out["min_new_tokens"]  # min_length=0 says it all (both set makes transformers warn)
     return out
+
+
+def missing_extra(module: str, prog: str, extra: str) -> bool:
+    """True (after saying which extra to install) when ``module`` of an optional extra cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return False
+    print(f"{prog} needs the [{extra}] extra: pip install 'modeling_visualglm[{extra}]'", file=sys.stderr)
+    return True
 
 
 def resolve_device(device: str) -> str:

@@ -119,30 +119,7 @@ def train_ice_text_like_model() -> bytes:
     global _MODEL_BYTES
     if _MODEL_BYTES is not None:
         return _MODEL_BYTES
-    writer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_writer=writer,
-        model_type="unigram",
-        vocab_size=TRAINED_VOCAB_SIZE,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        pad_piece="<pad>",
-        user_defined_symbols=["<n>"],
-        num_threads=1,
-        minloglevel=2,
-    )
-    appended = b"".join(_piece_record(p, _TYPE_CONTROL) for p in SPECIAL_PIECES)
-    appended += b"".join(_piece_record(p, _TYPE_USER_DEFINED) for p in WHITESPACE_PIECES)
-    appended += b"".join(_piece_record(f"<0x{b:02X}>", _TYPE_BYTE) for b in range(256))
-    # a second trainer_spec record is merged into the first one by the protobuf parser
-    appended += _length_delimited(2, _varint(35 << 3 | 0) + _varint(1))
-    _MODEL_BYTES = writer.getvalue() + appended
+    _MODEL_BYTES = train_ice_text_like_model_on(_corpus(), TRAINED_VOCAB_SIZE)
     return _MODEL_BYTES
 
 
@@ -170,7 +147,7 @@ def make_tiny_chatglm_tokenizer(path: str | os.PathLike):
 # --- tokenizers of the tiny *trained* models (tools/train_tiny.py) ---------------------------------------------
 
 def train_ice_text_like_model_on(lines: list[str], trained_vocab_size: int = 200) -> bytes:
-    """Like :func:`train_ice_text_like_model` (same trainer settings, same appended ice_text pieces), trained on
+    """An ice_text-like SentencePiece model (ChatGLM's pieces appended as icetk did, see the module header) trained on
     ``lines`` (in the preprocessed form: ``<n>`` for newlines). ``character_coverage`` 1.0: every character of
     ``lines`` becomes a piece, so the corpus must hold every character the model should read or write."""
     writer = io.BytesIO()
@@ -194,6 +171,7 @@ def train_ice_text_like_model_on(lines: list[str], trained_vocab_size: int = 200
     appended = b"".join(_piece_record(p, _TYPE_CONTROL) for p in SPECIAL_PIECES)
     appended += b"".join(_piece_record(p, _TYPE_USER_DEFINED) for p in WHITESPACE_PIECES)
     appended += b"".join(_piece_record(f"<0x{b:02X}>", _TYPE_BYTE) for b in range(256))
+    # a second trainer_spec record is merged into the first one by the protobuf parser
     appended += _length_delimited(2, _varint(35 << 3 | 0) + _varint(1))
     return writer.getvalue() + appended
 

@@ -10,9 +10,8 @@ the family's chat defaults (``CHAT_DEFAULTS``). A new picture starts a new conve
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .serving import add_model_arguments, chat_defaults, load_model
+from .serving import add_model_arguments, chat_defaults, load_model, missing_extra
 
 
 def build_demo(model, tokenizer, title: str | None = None):
@@ -78,10 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="a public gradio.live link (off by default)")
     args = ap.parse_args(argv)
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("visualglm-web needs the [web] extra: pip install 'modeling_visualglm[web]'", file=sys.stderr)
+    if missing_extra("gradio", "visualglm-web", "web"):
         return 2
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     demo = build_demo(model, tokenizer)
