@@ -6,13 +6,14 @@ Real size: bf16 weights constructed on the device (no fp32 copy on the host), ev
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .families import FAMILIES, Family
-from .harness import median, timed_runs
+from .harness import median, synchronize, timed_runs
 
 
 @dataclass
@@ -86,6 +87,22 @@ def batch_inputs(built: Built, batch: int, base_len: int = 24) -> dict:
     return inputs
 
 
+# generate()'s decode paths by name: the plain loop with transformers' dynamic cache, transformers' compiled static
+# cache, and ours (decode_graphs.py: the step replayed from a CUDA graph, eager or compiled kernels inside)
+CACHES = {"dynamic": {"fast_decode": "off"}, "static": {"cache_implementation": "static"},
+          "graphs": {"fast_decode": "graphs"}, "compile": {"fast_decode": "compile"}}
+
+
+def cache_options(built: Built, cache: str) -> dict | None:
+    """generate() keywords of the decode path ``cache``, or None where it does not apply (ours on the peer)."""
+    extra = dict(CACHES[cache])
+    if built.family.kind == "peer" and "fast_decode" in extra:
+        if cache != "dynamic":
+            return None
+        extra.pop("fast_decode")
+    return extra
+
+
 def generate(model, inputs: dict, new_tokens: int, **extra):
     """Exactly ``new_tokens`` greedy tokens (no early stop)."""
     return model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -116,8 +133,17 @@ def decode_timing(model, inputs: dict, new_tokens: int, device: torch.device, *,
     """Time to first token (a 1-token generate) and the decode rate of a full generate minus it (medians); and
     the sequences the last full generate produced."""
     ttft_runs = timed_runs(lambda: generate(model, inputs, 1, **extra), device, repeat=ttft_repeat, warmup=warmup)
-    # a dynamic cache warms up on a short run; a static one must compile at the timed length
-    short = (lambda: generate(model, inputs, 16, **extra)) if "cache_implementation" not in extra else None
+    # a dynamic cache warms up on a short run; a static one must compile (or capture) at the timed length, and that
+    # first run is timed too: what a user waits for on the first answer
+    first = []
+
+    def first_run():
+        t0 = time.perf_counter()
+        generate(model, inputs, new_tokens, **extra)
+        synchronize(device)
+        first.append(time.perf_counter() - t0)
+
+    short = (lambda: generate(model, inputs, 16, **extra)) if extra.get("fast_decode") == "off" else first_run
     last = {}
     total_runs = timed_runs(lambda: last.update(seq=generate(model, inputs, new_tokens, **extra)), device,
                             repeat=repeat, warmup=warmup, warmup_fn=short)
@@ -126,4 +152,5 @@ def decode_timing(model, inputs: dict, new_tokens: int, device: torch.device, *,
     rates = {"decode_tok_s_per_seq": (new_tokens - 1) / decode_s,
              "decode_tok_s_total": batch * (new_tokens - 1) / decode_s,
              "ms_per_step": decode_s / (new_tokens - 1) * 1e3} if decode_s > 0 else {}  # noise beat the decode
-    return {"ttft_ms": ttft * 1e3, **rates, "ttft_runs_s": ttft_runs, "total_runs_s": total_runs}, last["seq"]
+    return {"ttft_ms": ttft * 1e3, **rates, "ttft_runs_s": ttft_runs, "total_runs_s": total_runs,
+            **({"first_generate_s": first[0]} if first else {})}, last["seq"]

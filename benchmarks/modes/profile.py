@@ -12,15 +12,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..harness import empty_cache, median_time, synchronize
-from ..models import batch_inputs, build, generate
+from ..models import CACHES, batch_inputs, build, cache_options, generate
 
-DEFAULTS = dict(families="visualglm,cogvlm,minigpt4-7b,peer", new_tokens=64, repeat=3, warmup=2)
-SMOKE = dict(families="visualglm,peer", new_tokens=4, repeat=1, warmup=1)
+DEFAULTS = dict(families="visualglm,cogvlm,minigpt4-7b,peer", new_tokens=64, repeat=3, warmup=2,
+                caches="dynamic,static")
+SMOKE = dict(families="visualglm,peer", new_tokens=4, repeat=1, warmup=1, caches="dynamic,static,graphs")
 
 
 def add_arguments(ap):
     ap.add_argument("--repeat", type=int, help="timed full generates per cache")
     ap.add_argument("--warmup", type=int, help="untimed full generates first (the static cache compiles here)")
+    ap.add_argument("--caches", help=f"decode paths, comma-separated: {', '.join(CACHES)} (see the table mode)")
 
 
 def launches(events, steps: int) -> dict:
@@ -43,8 +45,10 @@ def profile_family(name, args, device) -> dict:
     inputs = batch_inputs(built, 1)
     out = {"family": name, "steps": args.new_tokens}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for cache in ("dynamic", "static"):
-        extra = {} if cache == "dynamic" else {"cache_implementation": "static"}
+    for cache in args.caches.split(","):
+        extra = cache_options(built, cache)
+        if extra is None:
+            continue
         wall = wall_ms_per_step(built.model, inputs, device, args, **extra)
         with profile(activities=activities) as prof:
             generate(built.model, inputs, args.new_tokens, **extra)

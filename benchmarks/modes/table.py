@@ -12,17 +12,19 @@ import time
 import torch
 
 from ..harness import empty_cache, floors, memory_allocated_gib, peak_memory_gib, reset_peak_memory, synchronize
-from ..models import batch_inputs, build, decode_timing, generate, rel_l2
+from ..models import CACHES, batch_inputs, build, cache_options, decode_timing, generate, rel_l2
 
 DEFAULTS = dict(families="visualglm,cogvlm,cogvlm2,minigpt4-7b,minigpt4-13b,peer", new_tokens=256, batches="1,8,32",
-                caches="dynamic,static", repeat=2, ttft_repeat=3, floor_copy_bytes=2**30, floor_matmul_n=8192)
-SMOKE = dict(families="visualglm,cogvlm,cogvlm2,minigpt4-7b,peer", new_tokens=4, batches="1,3", caches="dynamic,static",
-             repeat=1, ttft_repeat=1, floor_copy_bytes=2**23, floor_matmul_n=256)
+                caches="dynamic,static,graphs,compile", compile_batches="1", repeat=2, ttft_repeat=3, floor_copy_bytes=2**30, floor_matmul_n=8192)
+SMOKE = dict(families="visualglm,cogvlm,cogvlm2,minigpt4-7b,peer", new_tokens=4, batches="1,3",
+             caches="dynamic,static,graphs", compile_batches="1", repeat=1, ttft_repeat=1, floor_copy_bytes=2**23, floor_matmul_n=256)
 
 
 def add_arguments(ap):
     ap.add_argument("--batches", help="batch sizes, comma-separated")
-    ap.add_argument("--caches", help="dynamic,static: generate's cache implementations")
+    ap.add_argument("--caches", help=f"generate's decode paths, comma-separated: {', '.join(CACHES)} (dynamic: the "
+                    "plain loop; static: transformers' compiled static cache; graphs/compile: ours, decode_graphs.py)")
+    ap.add_argument("--compile-batches", help="batch sizes of the compile path (default: all; it compiles per size)")
     ap.add_argument("--repeat", type=int, help="timed full generates per row")
     ap.add_argument("--ttft-repeat", type=int, help="timed one-token generates per row")
     ap.add_argument("--floor-copy-bytes", type=int)
@@ -32,7 +34,8 @@ def add_arguments(ap):
 @torch.no_grad()
 def cached_vs_full(built) -> dict:
     inputs = batch_inputs(built, 2)
-    out = generate(built.model, inputs, 8, output_logits=True, return_dict_in_generate=True)
+    out = generate(built.model, inputs, 8, output_logits=True, return_dict_in_generate=True,
+                   **cache_options(built, "dynamic"))
     seq = out.sequences
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(seq[:, inputs["input_ids"].shape[1]:])], dim=1)
     full = built.model(input_ids=seq[:, :-1], attention_mask=mask[:, :-1], pixel_values=inputs["pixel_values"]).logits
@@ -47,16 +50,25 @@ def bench_family(name, args, device) -> tuple[dict, list[dict]]:
     t0 = time.perf_counter()
     built = build(name, device, tiny=args.smoke_cpu)
     synchronize(device)
+    text = built.family.text_config(built.model.config)
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     info = {"family": name, "build_s": time.perf_counter() - t0, "weights_GiB": memory_allocated_gib(device),
-            "lm_params": built.lm_params}
+            "lm_params": built.lm_params,  # bf16 K and V of every layer: what one cached token adds to a step's reads
+            "kv_bytes_per_token": 2 * 2 * text.num_hidden_layers * kv_heads * head_dim}
     if built.images is not None:  # the peer is transformers' own model
         info["consistency"] = cached_vs_full(built)
     # the same prompts for every cache, kept on the host so that a row's peak memory holds its own batch only
     prompts = {int(b): {k: v.cpu() for k, v in batch_inputs(built, int(b)).items()} for b in args.batches.split(",")}
     rows, last = [], {}
+    compile_batches = {int(b) for b in (args.compile_batches or args.batches).split(",")}
     for cache in args.caches.split(","):
-        extra = {} if cache == "dynamic" else {"cache_implementation": cache}
+        extra = cache_options(built, cache)
+        if extra is None:
+            continue
         for batch, host_in in prompts.items():
+            if cache == "compile" and batch not in compile_batches:
+                continue
             batch_in = {k: v.to(device) for k, v in host_in.items()}
             reset_peak_memory(device)
             try:

@@ -183,8 +183,14 @@ class RotaryEmbedding(nn.Module):
         """positions (...) → fp32 angles (..., len(inv_freq))."""
         inv_freq = self.inv_freq
         if inv_freq.dtype != torch.float32:
-            # model.half()/.to(bf16) also casts buffers; a rounded inv_freq would silently change the model
-            inv_freq = self.compute_inv_freq(self.config)
+            # model.half()/.to(bf16) also casts buffers; a rounded inv_freq would silently change the model. The exact
+            # table is recomputed once per device (not per step: a host-to-device copy inside a decode step would
+            # also break its CUDA-graph capture)
+            exact = self.__dict__.get("_exact_inv_freq")
+            if exact is None or exact.device != position_ids.device:
+                exact = self.compute_inv_freq(self.config).to(position_ids.device)
+                self.__dict__["_exact_inv_freq"] = exact
+            inv_freq = exact
         return position_ids[..., None].float() * inv_freq.to(position_ids.device)
 
 

@@ -108,6 +108,12 @@ def cache_update_kwargs(cache, query_length: int, device) -> dict:
     return {"cache_kwargs": {"cache_position": torch.arange(query_length, device=device) + past}}
 
 
+def static_cache_counts_on_device() -> bool:
+    """5.x: a ``StaticLayer`` counts its length in a device tensor that ``update`` bumps in place, so a replayed CUDA
+    graph writes at the right position (decode_graphs.py); 4.57.x locates writes by ``cache_position`` arguments."""
+    return not _LEGACY_CACHE_POSITIONS
+
+
 def kv_length(cache, query_length: int) -> int:
     """How many key positions attention sees after adding ``query_length`` tokens (a static cache: its size)."""
     if _LEGACY_CACHE_POSITIONS:  # transformers 4.57.x: get_mask_sizes(cache_position, layer_idx)

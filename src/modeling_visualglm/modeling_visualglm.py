@@ -23,7 +23,6 @@ from transformers import GenerationMixin
 
 from .chat_utils import InvalidScoreLogitsProcessor, TokenRangeLogitsProcessor
 from .chatglm import ChatGLMModel, chatglm_position_ids, check_chatglm_prompt
-from .compat import kv_length, pick_cache
 from .configuration_visualglm import CHAT_DEFAULTS, VisualGLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_visualglm import VisualGLMImageProcessor
@@ -98,18 +97,6 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, MultimodalForC
     def _check_generation_prefill(self, input_ids, attention_mask, has_images: bool) -> None:
         super()._check_generation_prefill(input_ids, attention_mask, has_images)
         check_chatglm_prompt(input_ids, _padding_mask(attention_mask), self.config.text_config)
-
-    def create_masks_for_generate(self, config=None, attention_mask=None, **kwargs):
-        # The language model builds its own prefix-LM mask from the 2-D padding mask and positions. For
-        # compileable (static) caches the padding mask is widened to the cache length so every decode step
-        # has the same input shapes (no recompilation); the unused tail is never attended.
-        cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))  # the name changed in 5.24
-        if attention_mask is None or attention_mask.ndim != 2 or not getattr(cache, "is_compileable", False):
-            return attention_mask
-        max_len = kv_length(cache, 1)  # a static cache's key length is its capacity
-        if attention_mask.shape[1] >= max_len:
-            return attention_mask
-        return nn.functional.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
     # --- chat -------------------------------------------------------------------------------------
     def _chat_prompt_ids(self, tokenizer, query, history, has_image, english=None):

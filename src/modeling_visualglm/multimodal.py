@@ -22,7 +22,8 @@ from transformers.generation import LogitsProcessorList
 
 from .attention import TextPreTrainedModel
 from .chat_utils import check_history, prepare_chat, stream_generate
-from .compat import MultimodalCausalLMOutputWithPast, cache_kwargs, output_cache, pick_cache
+from .compat import CACHE_ARG, MultimodalCausalLMOutputWithPast, cache_kwargs, kv_length, output_cache, pick_cache
+from .decode_graphs import FastDecoder, plan, resolve_mode
 
 
 def placeholder_count_error(n_placeholders: int, num_images: int, num_image_tokens: int, image_token_id: int,
@@ -117,6 +118,9 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
     # logits in float32 whatever the weights' dtype (CogVLM's originals do so)
     fp32_logits = False
     _chat_image_processor = None  # loaded on first use, see chat_image_processor
+    # decode steps from a CUDA graph: "auto" (on CUDA), "graphs", "compile" or "off" (decode_graphs.py)
+    fast_decode = "auto"
+    _fast_decoder = None
 
     # --- forward pieces ---------------------------------------------------------------------------
     def _check_image_count(self, image_mask: torch.Tensor, num_images: int) -> None:
@@ -166,6 +170,11 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         loss over ``labels``. ``position_ids`` and the family's own arguments: see its ``_language_model_inputs``."""
         self._check_input_kinds(input_ids, inputs_embeds, pixel_values)
         cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
+        graph = self._fast_decoder.takes(input_ids, cache, pixel_values) if self._fast_decoder else None
+        if graph is not None and labels is None and not output_hidden_states:  # a decode step: replay it
+            return graph.step(self, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, use_cache=use_cache,
+                                         logits_to_keep=logits_to_keep, **kwargs))
         image_mask = image_features = None
         if input_ids is not None:
             image_mask = input_ids == self.config.image_token_id  # (B, T)
@@ -217,6 +226,26 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         )
 
     # --- generation hooks -------------------------------------------------------------------------
+    def generate(self, *args, fast_decode: str | None = None, **kwargs):
+        """transformers' ``generate``; on CUDA its decode steps replay a CUDA graph over a static cache
+        (``fast_decode``: "auto" | "graphs" | "compile" | "off", default ``self.fast_decode``; see decode_graphs.py).
+        Beam search, assisted decoding, a given cache or cache implementation run the plain loop."""
+        mode = fast_decode if fast_decode is not None else self.fast_decode
+        max_cache_len = plan(self, mode, args, kwargs)
+        if max_cache_len is None:
+            return super().generate(*args, **kwargs)
+        if self._fast_decoder is None:
+            self._fast_decoder = FastDecoder()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        with self._fast_decoder.session(self, input_ids.shape[0], max_cache_len,
+                                        resolve_mode(mode, self.device)) as graph:
+            return super().generate(*args, **kwargs, **{CACHE_ARG: graph.cache}, disable_compile=True)
+
+    def release_fast_decode(self) -> None:
+        """Free the static cache and CUDA graph kept for the next ``generate`` call."""
+        if self._fast_decoder is not None:
+            self._fast_decoder.release()
+
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # the cache travels in kwargs under the running release's name (see compat.py)
         model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
@@ -224,6 +253,19 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         if step_ids is not None and step_ids.shape[1] == input_ids.shape[1]:  # the prefill (shapes only decide)
             self._check_generation_prefill(input_ids, attention_mask, model_inputs.get("pixel_values") is not None)
         return drop_images_after_prefill(model_inputs, input_ids)
+
+    def create_masks_for_generate(self, config=None, attention_mask=None, **kwargs):
+        # The language models build their own masks (ChatGLM: prefix-LM from the block positions; LLaMA: causal) from
+        # the 2-D padding mask, inside forward, so inside a decode step's CUDA graph (decode_graphs.py) rather than
+        # as a dozen eager kernels per step outside it. For compileable (static) caches the padding mask is widened
+        # to the cache length so every decode step has the same input shapes; the unused tail is never attended.
+        cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))  # the name changed in 5.24
+        if attention_mask is None or attention_mask.ndim != 2 or not getattr(cache, "is_compileable", False):
+            return attention_mask
+        max_len = kv_length(cache, 1)  # a static cache's key length is its capacity
+        if attention_mask.shape[1] >= max_len:
+            return attention_mask
+        return nn.functional.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
     def _check_generation_prefill(self, input_ids, attention_mask, has_images: bool) -> None:
         """A generation prefill's checks: ``forward`` cannot tell it from a decode step without reading the cache

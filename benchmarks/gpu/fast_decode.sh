@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The fast-decode measurement of docs/performance.md in one command (issue 7/8): the device's floors, our default
+# path (CUDA graphs) at batch 1, 8 and 32 and our compiled path at batch 1 for every family, transformers'
+# Llama-7B (eager and static-compiled) as the peer. On a lent machine with a 10-minute limit per call, run it in
+# parts: PART=graphs, PART=compile, PART=peer (default: all three).
+#   PYTHONPATH=src bash benchmarks/gpu/fast_decode.sh [RESULTS_DIR]
+set -euo pipefail
+results=${1:-benchmarks/results}
+families=${FAMILIES:-visualglm,minigpt4-7b,cogvlm,cogvlm2,minigpt4-13b}
+tokens=${NEW_TOKENS:-128}
+part=${PART:-all}
+common=(--new-tokens "$tokens" --floor-copy-bytes 4294967296 --results "$results")
+if [[ $part == all || $part == graphs ]]; then
+  python -m benchmarks.bench table --families "$families" --caches graphs --batches 1,8,32 "${common[@]}" \
+    --note "fast decode: default path (CUDA graphs)"
+fi
+if [[ $part == all || $part == compile ]]; then
+  python -m benchmarks.bench table --families "$families" --caches compile --batches 1 "${common[@]}" \
+    --note "fast decode: compiled path"
+fi
+if [[ $part == all || $part == peer ]]; then
+  python -m benchmarks.bench table --families peer --caches dynamic,static --batches 1 "${common[@]}" \
+    --note "fast decode: the peer"
+fi

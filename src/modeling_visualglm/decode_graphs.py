@@ -1,0 +1,209 @@
+"""Fast decoding: ``generate``'s decode steps replayed from one CUDA graph over a static cache.
+
+At batch 1 a decode step of a 6–19B model launches ~1,000 small kernels; launched one by one from Python they
+leave the GPU idle most of the step (8% of the weight-bandwidth floor with the dynamic cache, see
+docs/performance.md). Here the whole step (embedding, every layer, the LM head) is recorded once into a
+``torch.cuda.CUDAGraph`` and replayed: one launch per step.
+
+How it fits into ``generate`` (``MultimodalForConditionalGeneration.generate`` decides, see ``plan``):
+
+1. ``generate`` gets a transformers ``StaticCache`` sized to prompt + ``max_new_tokens``, rounded up to
+   ``CACHE_BUCKET`` so that later calls of similar length reuse it (and its graph). transformers 5.x counts a static
+   cache's length in a device tensor that ``update`` bumps in place, so a replayed step writes its key/value at the
+   right position without Python knowing it.
+2. The prefill runs eagerly (its shapes change with every prompt; the images are encoded there).
+3. The first decode step warms the step up on a side stream, puts the cache length back, and captures it. Each step
+   then copies its inputs (ids, positions, the static-shape mask, ...) into the graph's buffers and replays it.
+   The inputs' names, shapes and dtypes and the other arguments form the graph's signature; a step with a different
+   signature is captured anew.
+
+Everything else stays ``generate``'s own: logits processors, sampling, stopping criteria, streamers. So the
+tokens are those of ``generate`` with a static cache (equal to the dynamic cache's in fp32; see
+tests/test_fast_decode.py).
+
+Modes (``model.fast_decode`` or ``generate(..., fast_decode=...)``):
+
+- ``"auto"`` (default): ``"graphs"`` on CUDA, off elsewhere.
+- ``"graphs"``: as above. On the CPU the same static-buffer machinery runs without the graph (for tests).
+- ``"compile"``: the step is compiled by ``torch.compile`` (inductor, no cudagraph trees) before it is captured:
+  fused norms, rotary and epilogues; minutes of compiling on the first call of a process, cached by inductor
+  on disk for the next process.
+- ``"off"``: ``generate`` unchanged.
+
+Only one cache + graph is kept per model (its KV memory is what a static cache needs anyway); ``release()``
+frees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from transformers.cache_utils import StaticCache
+
+from .compat import CACHE_ARG, static_cache_counts_on_device
+
+MODES = ("auto", "graphs", "compile", "off")
+CACHE_BUCKET = 256
+# generate() options under which the plain loop is kept (beam search, assisted decoding, outputs per layer)
+_UNSUPPORTED = ("assistant_model", "prompt_lookup_num_tokens", "output_attentions", "output_hidden_states",
+                "inputs_embeds", "custom_generate", "synced_gpus")
+
+
+def resolve_mode(mode: Optional[str], device: torch.device) -> str:
+    """``"graphs"`` | ``"compile"`` | ``"off"`` for a model on ``device``."""
+    mode = "auto" if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"fast_decode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "graphs" if device.type == "cuda" else "off"
+    return mode
+
+
+def bucketed(length: int) -> int:
+    return -(-length // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def _generation_value(name, kwargs, generation_config):
+    return kwargs[name] if name in kwargs else getattr(generation_config, name, None)
+
+
+def plan(model, mode: Optional[str], args: tuple, kwargs: dict) -> Optional[int]:
+    """The static cache length for this ``generate`` call, or None when the plain loop runs (mode off, a cache or
+    cache implementation given, beams, assisted decoding, a ``device_map`` over several devices, transformers
+    4.57's static cache, ...)."""
+    if resolve_mode(mode, model.device) == "off" or not static_cache_counts_on_device():
+        return None
+    if any(kwargs.get(name) for name in _UNSUPPORTED) or kwargs.get(CACHE_ARG) is not None:
+        return None
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+        return None
+    config = kwargs.get("generation_config") or model.generation_config
+    if _generation_value("cache_implementation", kwargs, config) is not None:
+        return None
+    if (_generation_value("num_beams", kwargs, config) or 1) != 1:
+        return None
+    if len({str(p.device) for p in model.parameters()}) != 1 or getattr(model, "hf_quantizer", None) is not None:
+        return None
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        return None
+    max_new = _generation_value("max_new_tokens", kwargs, config)
+    total = input_ids.shape[1] + max_new if max_new is not None else _generation_value("max_length", kwargs, config)
+    return bucketed(max(int(total), input_ids.shape[1] + 1))
+
+
+class DecodeGraph:
+    """One static cache and the captured decode step that writes into it."""
+
+    def __init__(self, model, batch_size: int, max_cache_len: int, mode: str):
+        self.mode = mode
+        self.key = (batch_size, max_cache_len, mode)
+        self.cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
+        self.signature = None
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output = None
+        self.graph = None
+        self.step_fn = None
+        self.capturing = False
+        self.captures = 0  # how often a step was captured (tests and benchmarks read it)
+
+    def reset(self):
+        self.cache.reset()
+
+    def takes(self, input_ids, cache, pixel_values) -> bool:
+        """Is this forward call a decode step to replay (one new token per row, this graph's cache)?"""
+        return (not self.capturing and cache is self.cache and pixel_values is None and input_ids is not None
+                and input_ids.shape[1] == 1 and bool(self.cache.is_initialized))
+
+    def step(self, model, call: dict):
+        tensors = {k: v for k, v in call.items() if isinstance(v, torch.Tensor)}
+        others = {k: v for k, v in call.items() if not isinstance(v, torch.Tensor)}
+        signature = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(tensors.items())),
+                     repr(sorted(others.items())))
+        if signature != self.signature:
+            self._capture(model, tensors, others)
+            self.signature = signature
+        for name, value in tensors.items():
+            self.inputs[name].copy_(value, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.output
+        return self._run(others)  # the CPU: the same buffers, no graph
+
+    # --- capture ---------------------------------------------------------------------------------------------
+    def _run(self, others):
+        self.capturing = True
+        try:
+            return self.step_fn(**self.inputs, **others, **{CACHE_ARG: self.cache})
+        finally:
+            self.capturing = False
+
+    def _lengths(self):
+        return [layer.cumulative_length.clone() for layer in self.cache.layers]
+
+    def _restore(self, lengths):
+        for layer, length in zip(self.cache.layers, lengths):
+            layer.cumulative_length.copy_(length)
+
+    def _capture(self, model, tensors, others):
+        self.inputs = {k: v.clone() for k, v in tensors.items()}
+        self.step_fn = model.forward
+        if self.mode == "compile":
+            self.step_fn = torch.compile(model.forward, mode="max-autotune-no-cudagraphs", fullgraph=True,
+                                         dynamic=False)
+        self.graph = None
+        self.captures += 1
+        if not self.inputs[next(iter(self.inputs))].is_cuda:
+            if self.mode == "compile":  # compile now, so that the step's own call is not the first
+                lengths = self._lengths()
+                self._run(others)
+                self._restore(lengths)
+            return
+        lengths = self._lengths()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (and compile): cuBLAS workspaces, autotuning
+            for _ in range(2):
+                self._run(others)
+                self._restore(lengths)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.output = self._run(others)
+        self._restore(lengths)  # nothing ran during capture; kept for clarity of the invariant
+        self.graph = graph
+
+
+class FastDecoder:
+    """The decode graph of one model (at most one cache + graph at a time) and the ``generate`` session."""
+
+    def __init__(self):
+        self.current: Optional[DecodeGraph] = None
+        self.active: Optional[DecodeGraph] = None
+
+    def release(self):
+        self.current = self.active = None
+
+    def graph_for(self, model, batch_size: int, max_cache_len: int, mode: str) -> DecodeGraph:
+        key = (batch_size, max_cache_len, mode)
+        if self.current is None or self.current.key != key:
+            self.current = None  # free the old cache before allocating the new one
+            self.current = DecodeGraph(model, batch_size, max_cache_len, mode)
+        else:
+            self.current.reset()
+        return self.current
+
+    @contextlib.contextmanager
+    def session(self, model, batch_size: int, max_cache_len: int, mode: str):
+        graph = self.graph_for(model, batch_size, max_cache_len, mode)
+        self.active = graph
+        try:
+            yield graph
+        finally:
+            self.active = None
+
+    def takes(self, input_ids, cache, pixel_values) -> Optional[DecodeGraph]:
+        graph = self.active
+        return graph if graph is not None and graph.takes(input_ids, cache, pixel_values) else None
