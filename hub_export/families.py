@@ -63,6 +63,9 @@ class Family:
     processor_kwargs: Callable[[object], dict] = lambda config: {}
     model_auto_classes: tuple[str, ...] = field(
         default=("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"))
+    # the model without its LM head, when the family has one: auto_map's AutoModel names it (as transformers' own
+    # multimodal models do), which is what vLLM's Transformers backend loads before adding its own head
+    base_class: ClassRef | None = None
     # what --tokenizer should point at, for the "incomplete folder" messages
     tokenizer_hint: str = "ChatGLM-6B's ice_text.model or a folder holding it"
 
@@ -74,6 +77,8 @@ class Family:
         auto = {"AutoConfig": self.config.auto_map_value}
         for key in self.model_auto_classes:
             auto[key] = self.model.auto_map_value
+        if self.base_class is not None and "AutoModel" in auto:
+            auto["AutoModel"] = self.base_class.auto_map_value
         if self.processor is not None:
             auto["AutoProcessor"] = self.processor.auto_map_value
         if self.image_processor is not None:
@@ -108,6 +113,7 @@ VISUALGLM = Family(
 MINIGPT4 = Family(
     name="minigpt4",
     model=ClassRef("modeling_minigpt4", "MiniGPT4ForConditionalGeneration"),
+    base_class=ClassRef("modeling_minigpt4", "MiniGPT4Model"),
     config=ClassRef("configuration_minigpt4", "MiniGPT4Config"),
     tokenizer=ClassRef("processing_minigpt4", "MiniGPT4Tokenizer"),
     processor=ClassRef("processing_minigpt4", "MiniGPT4Processor"),

@@ -6,8 +6,9 @@ Runs in a fresh interpreter that has only torch, transformers, peft and PIL (the
 ``modeling_visualglm``): the folder's remote code must be enough. NAME is one of tests/tiny_folders.FOLDERS.
 Checks, each failing loudly:
 
-- AutoConfig, AutoModel / AutoModelForCausalLM / AutoModelForImageTextToText (same weights), AutoTokenizer,
-  AutoProcessor;
+- AutoConfig, AutoModel / AutoModelForCausalLM / AutoModelForImageTextToText (same weights; AutoModel may be the
+  family's model without the LM head, MiniGPT-4's ``MiniGPT4Model``, whose last hidden state through the LM head
+  gives the same logits), AutoTokenizer, AutoProcessor;
 - a plain ``generate(**inputs)`` on the folder's neutral generation_config.json: no warning, and it stops at EOS
   or after ``max_new_tokens``;
 - ``chat`` (greedy) and ``stream_chat`` (whose last answer is ``chat``'s), a two-turn chat with a long history;
@@ -68,11 +69,16 @@ def main(folder: str, name: str, result_path: str) -> None:
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     models = [auto.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
               for auto in (AutoModelForCausalLM, AutoModel, AutoModelForImageTextToText)]
-    model = models[0]
+    model, base = models[0], models[1]
     assert type(model).__name__ == config.architectures[0], type(model)
     for other in models[1:]:
-        assert type(other) is type(model)
-        for (k, v), (k2, v2) in zip(model.state_dict().items(), other.state_dict().items()):
+        full = model.state_dict()
+        if other is base and type(other) is not type(model):  # a base model: every weight but the LM head
+            full = {k: v for k, v in full.items() if not k.startswith("lm_head.")}
+        else:
+            assert type(other) is type(model)
+        assert list(other.state_dict()) == list(full), type(other)
+        for (k, v), (k2, v2) in zip(full.items(), other.state_dict().items()):
             assert k == k2 and torch.equal(v, v2), k
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -97,6 +103,9 @@ def main(folder: str, name: str, result_path: str) -> None:
     assert eos not in new[:-1]
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits[0, -1]
+        if type(base) is not type(model):
+            hidden = base(input_ids=input_ids, pixel_values=pixel_values).last_hidden_state[0, -1]
+            torch.testing.assert_close(model.lm_head(hidden), logits)
     result["first_logits"] = logits.tolist()
     result["plain_generate"] = new[:16]
 

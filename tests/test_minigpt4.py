@@ -356,14 +356,25 @@ def test_prompt_templates():
 
 def test_segments_use_legacy_sentencepiece_ids(llama_tokenizer, llama_spm):
     """Each segment = SentencePiece's own encoding of every stretch between literal <s> (dummy prefix each),
-    with the <s> as id 1: what the slow legacy tokenizer produced. transformers 5's default differs there."""
+    with the <s> as id 1: what the slow legacy tokenizer produced. transformers 5's LlamaTokenizer default
+    (legacy=False) differs there; MiniGPT4Tokenizer defaults to legacy=True, so one call agrees (what vLLM uses)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=llama_spm)
     text = "the cat.<s>[INST] what is this [/INST] "
     expected = sp.encode("the cat.") + [1] + sp.encode("[INST] what is this [/INST] ")
     assert legacy_encode(llama_tokenizer, text) == expected
-    assert llama_tokenizer.encode(text, add_special_tokens=False) != expected  # the v5 behaviour we avoid
+    assert llama_tokenizer.encode(text, add_special_tokens=False) == expected
+    assert llama_tokenizer.legacy
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    from modeling_visualglm.compat import llama_tokenizer_class
+
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    scores = {piece: sp.get_score(i) for piece, i in vocab.items()}
+    merges = generate_merges(vocab, scores, skip_tokens={"<unk>", "<s>", "</s>"})
+    modern = llama_tokenizer_class()(vocab=vocab, merges=merges, legacy=False)
+    assert modern.encode(text, add_special_tokens=False) != expected  # the v5 default the builders avoid
     prompt_ids = build_minigpt4_inputs(llama_tokenizer, "llama2", "what is this", num_image_tokens=3,
                                        image_token_id=IMAGE_ID)
     seg0, seg1 = build_minigpt4_prompt("llama2", "what is this").split(IMAGE_HERE)
@@ -471,3 +482,30 @@ def test_static_cache_decode_step_compiles_without_graph_breaks():
         full = model(input_ids=torch.cat([ids, nxt], dim=1), pixel_values=pixels(1, seed=43)).logits[:, -1]
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert rel_err(decoded, full) <= 1e-4
+
+
+def test_one_call_over_a_rendered_prompt_gives_the_processor_ids(llama_tokenizer):
+    """What servers that tokenize the chat template themselves (vLLM) rely on: ``<ImageHere>`` is the placeholder
+    id, the text after it gets the legacy ``▁``, the template's leading BOS is the BOS; the processor reports the
+    marker's expansion. ``chat`` still never samples the placeholder, which the tokenizer now counts."""
+    from PIL import Image
+
+    from modeling_visualglm.image_processing_visualglm import VisualGLMImageProcessor
+    from modeling_visualglm.processing_minigpt4 import MiniGPT4Processor
+
+    assert llama_tokenizer.convert_tokens_to_ids(IMAGE_HERE) == IMAGE_ID and len(llama_tokenizer) == IMAGE_ID + 1
+    for variant in ("vicuna0", "llama2", "minigptv2"):
+        processor = MiniGPT4Processor(VisualGLMImageProcessor(size=56), llama_tokenizer, num_image_tokens=3,
+                                      variant=variant)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        assert text.startswith("<s>") and text.count(IMAGE_HERE) == 1
+        out = processor(text=text, images=[Image.new("RGB", (56, 56), "red")], return_text_replacement_offsets=True)
+        (offset,) = out["text_replacement_offsets"][0]
+        assert offset["type"] == "image" and offset["replacement"] == IMAGE_HERE * 3
+        expanded = text.replace(IMAGE_HERE, offset["replacement"])
+        assert llama_tokenizer.encode(expanded, add_special_tokens=False) == out["input_ids"][0].tolist(), variant
+        assert processor._get_num_multimodal_tokens(image_sizes=[(56, 56), (9, 9)]) == {
+            "num_image_tokens": [3, 3], "num_image_patches": [1, 1]}
+    (bound,) = make_model()._chat_logits_processors(llama_tokenizer)
+    assert bound.num_decodable == IMAGE_ID

@@ -558,8 +558,10 @@ def test_minigpt4_chat_template_is_the_builder_and_the_chat_inputs(minigpt4_mode
         for image, image_at in image_variants():
             messages = chat_messages(query, history, image, image_at)
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            # the image goes into the first user message wherever it was given
-            assert text == build_minigpt4_prompt(variant, query, history, has_image=image is not None)
+            # the image goes into the first user message wherever it was given; the text starts with the BOS that
+            # servers tokenizing it themselves need (the processor drops it, and adds the id)
+            assert text == tokenizer.bos_token + build_minigpt4_prompt(variant, query, history,
+                                                                       has_image=image is not None)
             enc = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=True, return_tensors="pt")
             assert_same_as_chat(enc, model, tokenizer, image, query, history)
@@ -582,7 +584,7 @@ def test_chat_templates_without_generation_prompt_and_with_an_answer_to_continue
         assert continued == prompt + ("A red" if template == "base" else " A red")  # "Answer:" + " " + answer
     for variant in MINIGPT4_VARIANTS:
         processor = MiniGPT4Processor(VisualGLMImageProcessor(size=56), minigpt4_tokenizer, variant=variant)
-        prompt = build_minigpt4_prompt(variant, "What is it?", history)
+        prompt = minigpt4_tokenizer.bos_token + build_minigpt4_prompt(variant, "What is it?", history)
         bare = processor.apply_chat_template(messages, add_generation_prompt=False)
         assert prompt.startswith(bare) and bare != prompt
         assert processor.apply_chat_template(prefill, continue_final_message=True) == prompt + "A red"

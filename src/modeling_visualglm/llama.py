@@ -28,7 +28,8 @@ Deliberate differences from the originals:
   HF original re-derives and checks the masks per layer, which syncs and runs data-dependent shapes at
   every decode step).
 - Batch-first tensors, transformers ``Cache`` objects, attention through ``ALL_ATTENTION_FUNCTIONS`` with a
-  boolean causal + padding mask from transformers' masking utilities; no xformers / triton.
+  boolean causal + padding mask from transformers' masking utilities; no xformers / triton. The kernel is looked
+  up in ``LlamaExpertAttention.forward`` itself, where vLLM's Transformers backend looks for it.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention import DecoderPreTrainedModel, DispatchedAttention, RotaryEmbedding, apply_rotary, rotary_inv_freq
-from .compat import causal_mask
+from .attention import (
+    DecoderPreTrainedModel, DispatchedAttention, RotaryEmbedding, apply_rotary, eager_attention_forward,
+    rotary_inv_freq,
+)
+from .compat import ALL_ATTENTION_FUNCTIONS, causal_mask
 from .configuration_blocks import LlamaExpertConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,9 +207,11 @@ class LlamaExpertAttention(DispatchedAttention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         routing: Optional[ExpertRouting] = None,
+        cache=None,
+        cache_update: Optional[dict] = None,
         **kwargs,
     ):
-        """``kwargs``: ``cache``, ``cache_update`` (see ``attend_cached``) and the kernel's."""
+        """``kwargs``: ``cache``, ``cache_update`` (see ``DispatchedAttention.attend_cached``) and the kernel's."""
         input_shape = hidden_states.shape[:-1]
         qkv = route(
             hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value, routing
@@ -216,7 +222,18 @@ class LlamaExpertAttention(DispatchedAttention):
         value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         cos, sin = position_embeddings  # (B, 1, T, hd)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        attn_output, attn_weights = self.attend_cached(query, key, value, attention_mask, **kwargs)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, **(cache_update or {}))  # see compat.py
+        # The kernel lookup and its one call stay in this forward (not in the base class's `attend`): vLLM's
+        # Transformers backend finds the attention layers it serves by reading them in the layer's own forward.
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+        )  # (B, T, nh, hd); vLLM's kernel returns (T, nh * hd) for its batch of one
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
         return route(attn_output, self.language_expert_dense, self.vision_expert_dense, routing), attn_weights
 
 

@@ -32,7 +32,9 @@ from .qformer import QFormerModel
 # transformers 4.57.x copies out of a local folder only the files that the loaded file itself imports (5.x follows
 # imports recursively): these lines name the rest of the import closure (delete with the 4.57 floor)
 from .attention import eager_attention_forward  # noqa: F401
+from .compat import CACHE_ARG  # noqa: F401
 from .configuration_blocks import ChatGLMConfig  # noqa: F401
+from .decode_graphs import FastDecoder  # noqa: F401
 
 
 VisualGLMCausalLMOutputWithPast = MultimodalCausalLMOutputWithPast

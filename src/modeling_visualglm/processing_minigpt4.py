@@ -35,15 +35,20 @@ encoded:
 - An empty (or all-whitespace) query: ``ValueError`` (the original sent an empty question to the model).
 
 :class:`MiniGPT4Processor` takes formatted prompt strings; there ``<s>`` is BOS only where the variant's template
-puts it (at each ``<s>[INST] ``), and any other ``<s>`` / ``</s>`` is text. A user who types the whole role
-string ``<s>[INST] `` into a prompt given to the processor cannot be told from the template (a string carries no
-structure); ``chat`` and :func:`build_minigpt4_inputs` have no such gap.
+puts it (at each ``<s>[INST] ``, and the one the chat template starts with), and any other ``<s>`` / ``</s>`` is
+text. A user who types the whole role string ``<s>[INST] `` into a prompt given to the processor cannot be told
+from the template (a string carries no structure); ``chat`` and :func:`build_minigpt4_inputs` have no such gap.
+
+Servers that tokenize the rendered chat template in one call (vLLM) see the same ids as the processor: the
+tokenizer maps ``<ImageHere>`` to the placeholder id and reads text after a special token as the legacy tokenizer
+did (see :class:`MiniGPT4Tokenizer`); they expand the one marker to ``num_image_tokens`` placeholders themselves.
 """
 
 from __future__ import annotations
 
 import re
 
+from transformers import AddedToken
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -125,10 +130,14 @@ def build_minigpt4_prompt(variant: str, query: str, history=None, has_image: boo
 
 
 def minigpt4_chat_template(variant: str) -> str:
-    """The Jinja chat template rendering :func:`build_minigpt4_prompt` for ``variant``: system + sep, then per user
-    message ``user role + text + sep`` (the first one starting with ``<Img><ImageHere></Img> `` when the conversation
-    has an image), per assistant message ``assistant role + text + sep``, and the assistant role as the generation
-    prompt. Content may be a string or a list of {"type": "text"|"image", ...} blocks."""
+    """The Jinja chat template rendering ``bos_token`` + :func:`build_minigpt4_prompt` for ``variant``: BOS, system +
+    sep, then per user message ``user role + text + sep`` (the first one starting with ``<Img><ImageHere></Img> ``
+    when the conversation has an image), per assistant message ``assistant role + text + sep``, and the assistant role
+    as the generation prompt. Content may be a string or a list of {"type": "text"|"image", ...} blocks.
+
+    The leading BOS is the one every MiniGPT-4 prompt starts with (the original's tokenizer added it to the first
+    segment). :class:`MiniGPT4Processor` drops it from a prompt string and adds the id itself; servers that tokenize
+    the rendered template themselves with ``add_special_tokens=False`` (vLLM's chat endpoint) need it in the text."""
     if variant not in TEMPLATES:
         raise ValueError(f"unknown MiniGPT-4 variant {variant!r}; expected one of {sorted(TEMPLATES)}")
     system, user, assistant, sep = (jinja_string(part) for part in TEMPLATES[variant])
@@ -146,7 +155,7 @@ def minigpt4_chat_template(variant: str) -> str:
         "{%- if ns.images > 1 -%}"
         "{{ raise_exception('MiniGPT-4 takes at most one image per conversation') }}"
         "{%- endif -%}"
-        "{{ " + system + " }}{{ " + sep + " }}"
+        "{{ bos_token }}{{ " + system + " }}{{ " + sep + " }}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}"
         "{{ " + user + " }}"
@@ -244,19 +253,40 @@ def process_response(text: str) -> str:
 class MiniGPT4Tokenizer(llama_tokenizer_class()):
     """transformers' ``LlamaTokenizer`` plus the model's ``image_token_id`` (saved in tokenizer_config.json).
 
-    The image id is not a vocabulary entry: it is the first id past the SentencePiece pieces (an extra
-    embedding row), only ever produced by :func:`build_minigpt4_inputs`."""
+    The image id is not a SentencePiece piece: it is the first id past them (an extra embedding row). When it is the
+    next free id, ``<ImageHere>`` is registered as a special added token with that id, so that a whole formatted
+    prompt encoded in one call maps the marker to the placeholder (``len(tokenizer)`` then counts it; ``vocab_size``
+    stays the pieces). That is how servers which tokenize a rendered chat template themselves (vLLM) find the image
+    slot. ``legacy=True`` by default, as MiniGPT-4's slow tokenizer: the text after a special token starts a new
+    SentencePiece input with its own dummy-prefix ``▁``, so one call gives the ids of :func:`encode_minigpt4_prompt`.
+    The builders here never rely on either: they encode each stretch of text separately."""
 
     def __init__(self, *args, image_token_id=None, **kwargs):
+        kwargs.setdefault("legacy", True)
         super().__init__(*args, **kwargs)
         self.image_token_id = image_token_id
         self.init_kwargs["image_token_id"] = image_token_id
+        if image_token_id is not None and image_token_id == len(self) and IMAGE_HERE not in self.get_vocab():
+            self.add_tokens([AddedToken(IMAGE_HERE, special=True, normalized=False)], special_tokens=True)
 
 
-# Arguments apply_chat_template / pipelines pass to every processor that mean nothing here: the ids always start with
-# BOS and then follow the legacy segment tokenization (a prompt's literal "<s>" included), and rows are always
-# left-padded, as in the original.
-_IGNORED_KWARGS = ("add_special_tokens", "padding", "text_kwargs")
+# Arguments apply_chat_template / pipelines / vLLM pass to every processor that mean nothing here: the ids always start
+# with BOS and then follow the legacy segment tokenization (a prompt's literal "<s>" included), rows are always
+# left-padded, as in the original, and never truncated.
+_IGNORED_KWARGS = ("add_special_tokens", "padding", "text_kwargs", "truncation")
+
+
+def replacement_offsets(text: str, replacement: str) -> list[dict]:
+    """Where each ``<ImageHere>`` of ``text`` is and what it becomes, in the form of transformers'
+    ``ProcessorMixin.get_text_with_replacements`` (``type``, ``span``, ``new_span``, ``text``, ``replacement``);
+    vLLM's Transformers backend reads it to expand the marker of a prompt it tokenized itself."""
+    offsets, shift = [], 0
+    for match in re.finditer(re.escape(IMAGE_HERE), text):
+        start, end = match.span()
+        offsets.append({"type": "image", "span": (start, end), "text": IMAGE_HERE, "replacement": replacement,
+                        "new_span": (start + shift, start + shift + len(replacement))})
+        shift += len(replacement) - (end - start)
+    return offsets
 
 
 @legacy_processor_attributes
@@ -264,11 +294,17 @@ class MiniGPT4Processor(ProcessorMixin):
     """Images + MiniGPT-4 prompts → ``input_ids``, ``attention_mask`` (left-padded) and ``pixel_values``.
 
     ``text`` is one or more formatted prompts (see :func:`build_minigpt4_prompt` or the chat template of
-    ``variant``) with ``<ImageHere>`` where an image goes; each marker becomes ``num_image_tokens`` ×
-    ``image_token_id``, and ``pixel_values`` (N, 3, S, S) holds the given images in the order of their markers.
+    ``variant``, whose leading BOS string is dropped: the ids always start with BOS) with ``<ImageHere>`` where an
+    image goes; each marker becomes ``num_image_tokens`` × ``image_token_id``, and ``pixel_values`` (N, 3, S, S)
+    holds the given images in the order of their markers.
+
+    For vLLM's Transformers backend: ``image_token``, ``_get_num_multimodal_tokens`` and, with
+    ``return_text_replacement_offsets=True``, ``text_replacement_offsets`` (what each marker expands to).
     """
 
     _auto_class = "AutoProcessor"
+    # the image marker of a prompt string; the tokenizer holds it as the placeholder id (see MiniGPT4Tokenizer)
+    image_token = IMAGE_HERE
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 32, variant: str = "vicuna0",
                  chat_template=None, **kwargs):
@@ -294,14 +330,32 @@ class MiniGPT4Processor(ProcessorMixin):
                 f"{sum(markers)} {IMAGE_HERE!r} marker(s) in the text (per prompt: {markers}) but "
                 f"{len(flat_images)} image(s) given; each image needs exactly one marker"
             )
+        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
         image_kwargs = image_kwargs_of(kwargs, _IGNORED_KWARGS, "MiniGPT4Processor")
-        rows = [encode_minigpt4_prompt(self.tokenizer, t, self.num_image_tokens, variant=self.variant) for t in texts]
+        rows = [encode_minigpt4_prompt(self.tokenizer, self._without_bos(t), self.num_image_tokens,
+                                       variant=self.variant) for t in texts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
         data = left_pad(rows, pad)
         if flat_images:
             pixel_values = self.image_processor(flat_images, return_tensors="pt", **image_kwargs)["pixel_values"]
             data["pixel_values"] = pixel_values
-        return BatchFeature(data, tensor_type=return_tensors)
+        features = BatchFeature(data, tensor_type=return_tensors)
+        if return_offsets:  # lists of dicts: set after the tensor conversion
+            features["text_replacement_offsets"] = [
+                replacement_offsets(t, IMAGE_HERE * self.num_image_tokens) for t in texts
+            ]
+        return features
+
+    def _without_bos(self, text: str) -> str:
+        """A prompt without the leading BOS string the chat template writes: the ids start with BOS anyway."""
+        bos = self.tokenizer.bos_token
+        return text[len(bos):] if bos and text.startswith(bos) else text
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> dict:
+        """Placeholders per image (``num_image_tokens`` whatever its size) and rows of ``pixel_values`` per image
+        (one): what vLLM's Transformers backend asks before it processes any image."""
+        count = len(image_sizes or ())
+        return {"num_image_tokens": [self.num_image_tokens] * count, "num_image_patches": [1] * count}
 
     def decode(self, token_ids, **kwargs) -> str:
         kwargs.setdefault("skip_special_tokens", True)
@@ -325,6 +379,7 @@ __all__ = [
     "minigpt4_chat_template",
     "legacy_encode",
     "process_response",
+    "replacement_offsets",
     "TEMPLATES",
     "STOP_STRINGS",
 ]
