@@ -156,7 +156,42 @@ def render_quant(records: list[Record]) -> str:
     return _table(header, rows)
 
 
-RENDERERS = {"table": render_table, "profile": render_profile, "history": render_history, "split": render_split,
+def render_fast(records: list[Record]) -> str:
+    """Our decode paths against the floor: weight bytes (bf16 language model + LM head) plus the KV bytes a step
+    reads (batch × mean context × bytes per cached token), over the copy bandwidth measured in the same run."""
+    header = ["model", "path", "batch", "ms/step", "floor ms/step", "% of floor", "TTFT ms", "first generate s",
+              "peak GiB"]
+    names = {"dynamic": "plain loop (dynamic cache)", "static": "transformers static + compile",
+             "graphs": "**default**: CUDA graph", "compile": "compiled + CUDA graph"}
+    rows = []
+    for record in records:
+        info = {f["family"]: f for f in record.data["families"]}
+        for r in _by_family([r for r in record.data["rows"] if "error" not in r and "ms_per_step" in r]):
+            f = info[r["family"]]
+            context = r["prompt_len"] + record.data["settings"]["new_tokens"] / 2
+            nbytes = f["lm_params"] * 2 + r["batch"] * context * f.get("kv_bytes_per_token", 0)
+            floor = nbytes / (record.data["floors"]["copy_GBps"] * 1e9) * 1e3
+            rows.append([FAMILIES[r["family"]].label, names[r["cache"]], r["batch"], _f(r["ms_per_step"], 2),
+                         _f(floor, 2), f"{100 * floor / r['ms_per_step']:.0f} %", _f(r["ttft_ms"]),
+                         _f(r.get("first_generate_s"), 1), _f(r["peak_GiB"])])
+    return _table(header, rows)
+
+
+def render_finetune(records: list[Record]) -> str:
+    header = ["model", "method", "LoRA", "batch × tokens", "step s", "samples/s", "trainable params", "peak GiB"]
+    rows = []
+    for record in records:
+        for r in record.data["rows"]:
+            label = FAMILIES[r["family"]].label
+            if "error" in r:
+                rows.append([label, r["method"], "—", "—", "—", "—", "—", f"failed: {r['error'][:80]}"])
+                continue
+            rows.append([label, r["method"], r["lora"], f"{r['batch']} × {r['seq_len']:,}", _f(r["step_s"], 2),
+                         _f(r["samples_per_s"], 2), f"{r['trainable_params']:,}", _f(r["peak_GiB"])])
+    return _table(header, rows)
+
+
+RENDERERS = {"fast": render_fast, "finetune": render_finetune, "table": render_table, "profile": render_profile, "history": render_history, "split": render_split,
              "determinism": render_determinism, "quant": render_quant}
 
 

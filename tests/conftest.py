@@ -116,6 +116,7 @@ SLOW = {
     "test_web.py": ("",),  # gradio in headless Chromium
     "test_serve.py": ("test_docs_session_block", "test_load_short"),
     "test_finetune.py": ("test_train_eval_merge_check", "test_resume_continues"),
+    "test_finetune_learning.py": ("",),  # three LoRA runs of ~50 s on the tiny trained models
 }
 
 

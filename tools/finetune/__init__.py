@@ -7,5 +7,6 @@ folders on transformers' ``Trainer`` + peft (tooling, never copied into a hub fo
 - :mod:`.model`   loading, LoRA default targets per family, freeze switches, QLoRA;
 - :mod:`.trainer` the ``Trainer`` subclass (token-weighted shifted cross-entropy, equal on 1 or N processes);
 - :mod:`.merge`   adapter → merged complete hub folder (``hub_export.writer``);
-- :mod:`.cli`     the command line.
+- :mod:`.cli`     the command line;
+- :mod:`.teach`   does it learn? a LoRA run on a shipped tiny trained model, checked on fresh pictures.
 """

@@ -13,10 +13,23 @@ never supervised; ``labels`` is −100 wherever nothing is learnt.
   CogVLM2 ``finetune_demo/peft_lora.py``; spec cogvlm.md §2.4/§5): ``ids = [bos] + image + encode(prompt) +
   encode(answer) + [eos]``, ``labels`` = −100 on everything before the answer, then ``answer + eos``.
 - **MiniGPT-4** (``MiniGPT4.forward``, spec minigpt4.md §1.7): ``[bos] + wrapped prompt`` unsupervised (``empty_targets``
-  covers bos and the image-wrapped prompt), then ``encode(answer + end_sym)`` supervised: the text after
-  ``###Assistant:`` (Vicuna v0, ``end_sym`` ``###``) or after ``[/INST]`` (LLaMA-2, ``end_sym`` ``</s>`` = eos).
-  cc_sbu_align samples use the stage-2 ``prompt_template`` (``###Human: {} ###Assistant: `` / ``[INST] {} [/INST] ``,
-  no system prompt), every other format the chat prompt of ``chat``. ``max_txt_len`` 160 cuts answer + end.
+  covers bos and the image-wrapped prompt), then the answer and its end supervised. Two prompts:
+
+  - cc_sbu_align samples (``template="minigpt4-stage2"``) follow the original stage-2 recipe exactly: its
+    ``prompt_template`` (``###Human: {} ###Assistant: `` / ``[INST] {} [/INST] ``, no system prompt) and
+    ``encode(answer + end_sym)`` (Vicuna v0 ``###``, LLaMA-2 ``</s>`` = eos). That prompt is not ``chat``'s (no
+    system prompt): it is the original's way of teaching the projection, kept for its data.
+  - every other format uses ``chat``'s prompt, id for id (system prompt, history, ``###Assistant: `` whose space is
+    a lone ``▁`` before the answer's own dummy-prefix ``▁``, as the legacy tokenizer encoded each segment), and
+    the answer ends the way generation stops: Vicuna v0 ``answer + "###"`` (``chat``'s stop string) ``+ </s>`` (a
+    plain ``generate()``'s eos; the shipped tiny models were trained with this ending, ``tools/train_tiny.py``),
+    LLaMA-2 / MiniGPT-v2 ``answer + </s>``.
+
+  ``max_txt_len`` 160 cuts answer + end.
+
+VisualGLM and CogVLM have one prompt: ``chat``'s, and their answers end with the id ``chat`` stops at (``<eop>``,
+eos), as the originals' fine-tune scripts and ``tools/train_tiny.py`` do. ``tests/test_finetune_encode.py`` checks
+the prompt ids against the model's own ``_chat_inputs`` on the shipped tiny models.
 """
 
 from __future__ import annotations
@@ -38,10 +51,13 @@ STAGE2_TEMPLATES = {"vicuna0": "###Human: {} ###Assistant: ", "llama2": "[INST] 
 
 @dataclass
 class Encoded:
+    """``input_ids`` = the prompt (its first ``prompt_length`` ids, image slots included) + the answer and its end."""
+
     input_ids: list[int]
     labels: list[int]
     image: str | None
     source: str = ""
+    prompt_length: int = 0
 
     @property
     def num_supervised(self) -> int:
@@ -89,7 +105,7 @@ class SampleEncoder:
         if self.family == "visualglm":  # the original supervises from <sop> (the prompt's last id) on
             labels[len(prompt) - 1] = prompt[-1]
         assert all(label == IGNORE for i, label in zip(ids, labels) if i == image_id)
-        return Encoded(ids, labels, sample.image, sample.source)
+        return Encoded(ids, labels, sample.image, sample.source, prompt_length=len(prompt))
 
     # --- families ------------------------------------------------------------------------------------------
     def _visualglm(self, sample: Sample):
@@ -134,8 +150,11 @@ class SampleEncoder:
             prompt = build_minigpt4_inputs(tok, variant, sample.query, history=list(sample.history),
                                            has_image=sample.image is not None,
                                            num_image_tokens=cfg.num_image_tokens, image_token_id=cfg.image_token_id)
-        if variant == "vicuna0":  # end_sym "###", tokenized together with the answer (text + end_sym)
-            answer = encode_text(tok, sample.answer + "###")[: self.max_target_length]
-        else:  # end_sym "</s>": the legacy tokenizer read it as eos
-            answer = encode_text(tok, sample.answer)[: self.max_target_length - 1] + [tok.eos_token_id]
-        return prompt, answer
+        if variant == "vicuna0" and sample.template == "minigpt4-stage2":
+            # the original stage 2: end_sym "###", tokenized together with the answer (text + end_sym), no eos
+            return prompt, encode_text(tok, sample.answer + "###")[: self.max_target_length]
+        # chat format: the answer ends as `chat` stops it (the "###" stop string for Vicuna v0) and then with eos,
+        # which a plain generate() stops at; the shipped tiny models learnt this ending (tools/train_tiny.py).
+        # LLaMA-2 / MiniGPT-v2: end_sym "</s>", which the legacy tokenizer read as eos.
+        text = sample.answer + "###" if variant == "vicuna0" else sample.answer
+        return prompt, encode_text(tok, text)[: self.max_target_length - 1] + [tok.eos_token_id]

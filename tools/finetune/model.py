@@ -104,7 +104,9 @@ def load_processing(folder: str | Path, config):
     if family.tokenizer is None:  # CogVLM: a stock transformers tokenizer
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        # no remote code is needed for it; without the explicit False, transformers sees the folder's auto_map
+        # and asks on the terminal whether to run the folder's code
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     else:
         tokenizer = family.tokenizer.load().from_pretrained(str(folder))
     image_processor = family.image_processor.load().from_pretrained(str(folder))
