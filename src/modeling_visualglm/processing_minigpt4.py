@@ -347,9 +347,15 @@ class MiniGPT4Processor(ProcessorMixin):
         return features
 
     def _without_bos(self, text: str) -> str:
-        """A prompt without the leading BOS string the chat template writes: the ids start with BOS anyway."""
+        """A prompt without the leading BOS string the chat template writes: the ids start with BOS anyway. The
+        LLaMA-2 / MiniGPT-v2 prompts themselves start with the template's own ``<s>`` (the original's second BOS):
+        there only a doubled leading BOS loses one."""
         bos = self.tokenizer.bos_token
-        return text[len(bos):] if bos and text.startswith(bos) else text
+        if not bos or not text.startswith(bos):
+            return text
+        rest = text[len(bos):]
+        own_bos = self.variant is not None and build_minigpt4_prompt(self.variant, "?", [], has_image=False).startswith(bos)
+        return rest if not own_bos or rest.startswith(bos) else text
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> dict:
         """Placeholders per image (``num_image_tokens`` whatever its size) and rows of ``pixel_values`` per image
