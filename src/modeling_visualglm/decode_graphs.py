@@ -75,9 +75,8 @@ def plan(model, mode: Optional[str], args: tuple, kwargs: dict) -> Optional[int]
     4.57's static cache, ...)."""
     if resolve_mode(mode, model.device) == "off" or not static_cache_counts_on_device():
         return None
-    if any(kwargs.get(name) for name in _UNSUPPORTED) or kwargs.get(CACHE_ARG) is not None:
-        return None
-    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+    # a caller's cache under either name (5.24+ "cache", before "past_key_values")
+    if any(kwargs.get(name) for name in _UNSUPPORTED + ("cache", "past_key_values")):
         return None
     config = kwargs.get("generation_config") or model.generation_config
     if _generation_value("cache_implementation", kwargs, config) is not None:
@@ -170,9 +169,8 @@ class DecodeGraph:
                 self._restore(lengths)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):  # records only: the cache lengths are not bumped until a replay
             self.output = self._run(others)
-        self._restore(lengths)  # nothing ran during capture; kept for clarity of the invariant
         self.graph = graph
 
 
