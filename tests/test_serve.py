@@ -336,6 +336,9 @@ def test_client_disconnect_frees_its_slot(folders, monkeypatch):
         with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as r:
             first = next(r.iter_lines())
             assert first.startswith("data: ")
+            # the role chunk can reach us before the worker has taken the job: wait for the worker, which is
+            # held at step 4 (so the job is still running)
+            wait_until(lambda: engine.running, what="the worker taking the job")
             job = engine.running[0]
         wait_until(lambda: job.cancelled, what="the server noticing the closed stream")
         # a non-streaming request waits behind it; its client gives up
