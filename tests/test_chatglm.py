@@ -307,6 +307,34 @@ def test_gradient_checkpointing_backward():
         assert rel_err(grads[1][name], grad) <= TOL, name
 
 
+def test_checkpointing_makes_no_cache_when_the_config_asks_for_one(caplog):
+    """The config's default ``use_cache`` (on) under gradient checkpointing: no cache is made, so backward's
+    recomputation cannot append each layer's keys a second time (on transformers before 5.24, whose checkpointing
+    layer does not drop a ``cache`` argument, that failed with "size 2T vs T"); the gradients equal the plain run's,
+    and only an explicit ``use_cache=True`` warns."""
+    from modeling_visualglm.compat import output_cache
+
+    ids, attn = left_pad([prompt(6, 3, seed=26), prompt(3, 1, seed=27)])
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(seed=28).train()
+        assert model.config.use_cache
+        if checkpointing:
+            enable_checkpointing(model)
+        with caplog.at_level("WARNING"):
+            out = model(ids, attention_mask=attn)  # use_cache from the config
+        if checkpointing:
+            assert output_cache(out) is None
+            assert not [r for r in caplog.records if "cache" in r.getMessage().lower()], caplog.text
+        (out.last_hidden_state[attn.bool()] ** 2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert rel_err(grads[1][name], grad) <= TOL, name
+    with caplog.at_level("WARNING"):
+        assert output_cache(model(ids, attention_mask=attn, use_cache=True)) is None
+    assert "no cache is used" in caplog.text
+
+
 @torch.no_grad()
 def test_save_load_roundtrip(tmp_path):
     model = build_model(seed=22, rope_fp16_inv_freq=True)

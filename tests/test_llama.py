@@ -382,6 +382,25 @@ def test_gradient_checkpointing_and_grads_reach_both_experts():
     assert attn.language_expert_query_key_value.weight.grad.abs().sum() > 0
 
 
+def test_checkpointing_makes_no_cache_when_the_config_asks_for_one():
+    """As ChatGLM's: the config's ``use_cache`` under gradient checkpointing makes no cache (backward's recomputation
+    would append the keys twice on transformers before 5.24) and the output equals the eval forward."""
+    from modeling_visualglm.compat import output_cache
+
+    model = build("v2", seed=38)
+    ids = random_ids(8, seed=39)[None]
+    vis = image_mask(8, 1, 4)[None]
+    with torch.no_grad():
+        ref = model(ids, vision_expert_mask=vis).last_hidden_state
+    model.train()
+    enable_checkpointing(model)
+    assert model.config.use_cache
+    out = model(ids, vision_expert_mask=vis)
+    assert output_cache(out) is None
+    assert rel_err(out.last_hidden_state.detach(), ref) <= TOL
+    out.last_hidden_state.square().mean().backward()
+
+
 def test_bad_inputs():
     model = build("v1", seed=36)
     ids = random_ids(6, seed=37)[None]

@@ -20,8 +20,11 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import logging
 
 from .compat import ALL_ATTENTION_FUNCTIONS, cache_kwargs, cache_update_kwargs, init, pick_cache
+
+logger = logging.get_logger(__name__)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -265,6 +268,14 @@ class DecoderPreTrainedModel(TextPreTrainedModel):
         self.check_input_kinds(input_ids, inputs_embeds)
         cache = pick_cache(cache, past_key_values)
         kwargs.pop("cache_position", None)  # transformers 4.57.x generate() passes it; positions come from the cache
+        if getattr(self, "gradient_checkpointing", False) and self.training:
+            # backward recomputes every layer: a cache would take each layer's keys a second time (and transformers
+            # before 5.24 does not drop a cache passed as `cache`), so none is made or used; the config default
+            # (`use_cache` on) switches off quietly, an explicit request with a warning
+            if use_cache or cache is not None:
+                logger.warning_once("gradient checkpointing recomputes the layers in backward: no cache is used "
+                                    "while training with it (use_cache=False)")
+            use_cache, cache = False, None
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
