@@ -200,6 +200,45 @@ def test_beam_search_and_sampling_run(model, tiny_tokenizer):
     assert torch.equal(s1, s2)
 
 
+def test_positions_built_once_equal_positions_derived_every_step(model, tiny_tokenizer, monkeypatch):
+    """generate() builds the 2D positions once from the prompt and continues them by (+0, +1) per token; the result
+    equals deriving them from the whole sequence at every step (the fallback for loops that are not generate's),
+    for a left-padded batch under beam search with several returned sequences (rows expanded and reordered) and
+    for seeded sampling with several returned sequences."""
+    from modeling_visualglm import modeling_visualglm as module
+
+    cfg = model.config
+    rows = [build_visualglm_inputs(tiny_tokenizer, q, has_image=True, num_image_tokens=cfg.num_image_tokens)
+            for q in ("Describe it.", "What colour is the thing in the middle?")]
+    width = max(map(len, rows))
+    pad = cfg.text_config.pad_token_id
+    inputs = dict(input_ids=torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+                  attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+                  pixel_values=pixel(model, make_image(8), make_image(9)), min_length=0, eos_token_id=None,
+                  max_new_tokens=6)
+    runs = [dict(do_sample=False, num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=20,
+                                                                             num_return_sequences=2)]
+    derived = {"n": 0}
+    original = module.chatglm_position_ids
+
+    def counted(*args, **kwargs):
+        derived["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "chatglm_position_ids", counted)
+    once = []
+    for run in runs:
+        torch.manual_seed(11)
+        once.append(model.generate(**inputs, **run))
+    assert derived["n"] == len(runs)  # once per generate call
+    monkeypatch.setattr(type(model), "_prepare_position_ids_for_generation", lambda self, inputs, kwargs: None)
+    for run, expected in zip(runs, once):
+        derived["n"] = 0
+        torch.manual_seed(11)
+        assert torch.equal(model.generate(**inputs, **run), expected), run
+        assert derived["n"] == inputs["max_new_tokens"]  # the fallback derived them at every forward
+
+
 def test_placeholder_count_mismatch_raises(model, tiny_tokenizer):
     cfg = model.config
     ids = build_visualglm_inputs(tiny_tokenizer, "Hi?", has_image=True, num_image_tokens=cfg.num_image_tokens)

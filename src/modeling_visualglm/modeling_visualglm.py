@@ -9,8 +9,9 @@ Deliberate differences from the originals:
 - Images are marked by runs of ``config.image_token_id`` (a dedicated ``<image>`` id) and spliced with
   ``masked_scatter`` (LLaVA style), so batches may mix rows with and without images, with left padding.
 - Batch-first tensors, transformers ``Cache`` objects, attention through ``ALL_ATTENTION_FUNCTIONS``.
-- ChatGLM's 2D positions are recomputed from the full sequence at every generation step (the generic
-  ``position_ids + 1`` update of ``generate`` is wrong for GLM, whose first row stays at the mask position).
+- ChatGLM's 2D positions are computed once from the prompt and continued per new token by (+0, +1) (the generic
+  ``position_ids + 1`` update of ``generate`` is wrong for GLM, whose first row stays at the mask position); where
+  ``generate`` did not build them (a caller's own loop), they are derived from the full sequence at each step.
 - ``InvalidScoreLogitsProcessor`` forces ``<eop>`` on a row whose scores contain NaN/+inf, without a host
   sync; THUDM's version forced token id 5 and also fired on the ``-inf`` that ``min_length`` writes.
 """
@@ -33,6 +34,7 @@ from .qformer import QFormerModel
 # imports recursively): these lines name the rest of the import closure (delete with the 4.57 floor)
 from .attention import eager_attention_forward  # noqa: F401
 from .compat import CACHE_ARG  # noqa: F401
+from .compat import generation_cache
 from .configuration_blocks import ChatGLMConfig  # noqa: F401
 from .decode_graphs import FastDecoder  # noqa: F401
 
@@ -85,14 +87,39 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, MultimodalForC
         return {"input_ids": input_ids, "position_ids": position_ids}
 
     # --- generation hooks -------------------------------------------------------------------------
+    # generate() tracks 1-D positions (+1 per step); GLM's are 2-D (B, 2, T) with row 0 frozen at the mask position.
+    # They are built once from the prompt and kept under their own key: generate() would take a 3-D `position_ids`
+    # for Qwen2-VL's (3, B, T) (batch on dim 1) when it expands rows, and would add +1 to both rows.
+    _GLM_POSITIONS = "glm_position_ids"
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = inputs_tensor
+        cache, mask = generation_cache(model_kwargs), model_kwargs.get("attention_mask")
+        if not (input_ids is None or input_ids.is_floating_point() or (cache is not None and cache.get_seq_length() != 0)
+                or (mask is not None and (mask.ndim != 2 or mask.shape[-1] != input_ids.shape[1]))):
+            model_kwargs[self._GLM_POSITIONS] = chatglm_position_ids(input_ids, mask, self.config.text_config)
+        return None  # generate() keeps no 1-D positions for GLM
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens)
+        positions = model_kwargs.get(self._GLM_POSITIONS)
+        if positions is not None:  # new tokens follow <sop>: position stays at the mask's, block position + 1
+            step = torch.arange(1, num_new_tokens + 1, device=positions.device, dtype=positions.dtype)
+            new = positions[..., -1:] + torch.stack([torch.zeros_like(step), step])  # (B, 2, n)
+            model_kwargs[self._GLM_POSITIONS] = torch.cat([positions, new], dim=-1)
+        return model_kwargs
+
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # generate() tracks 1-D positions (+1 per step); GLM's are 2-D with row 0 frozen at the mask
-        # position, so they are derived from the full sequence instead (tensor ops only, no host sync).
         kwargs.pop("position_ids", None)
+        positions = kwargs.pop(self._GLM_POSITIONS, None)
         model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         step_ids = model_inputs.get("input_ids")
         if step_ids is not None:
-            positions = chatglm_position_ids(input_ids, _padding_mask(attention_mask), self.config.text_config)
+            if positions is None or positions.shape[-1] != input_ids.shape[1]:  # not built by generate(): derive
+                positions = chatglm_position_ids(input_ids, _padding_mask(attention_mask), self.config.text_config)
             model_inputs["position_ids"] = positions[..., -step_ids.shape[1] :]
         return model_inputs
 
