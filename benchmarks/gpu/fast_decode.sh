@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The fast-decode measurement of docs/performance.md in one command (issue 7/8): the device's floors, our default
 # path (CUDA graphs) at batch 1, 8 and 32 and our compiled path at batch 1 for every family, transformers'
-# Llama-7B (eager and static-compiled) as the peer. On a lent machine with a 10-minute limit per call, run it in
-# parts: PART=graphs, PART=compile, PART=peer (default: all three).
+# Llama-7B (eager and static-compiled) as the peer, and torchao's weight-only int4 against bf16 for the LLaMA-based
+# families (needs `pip install torchao`). On a lent machine with a 10-minute limit per call, run it in parts:
+# PART=graphs, PART=compile, PART=peer, PART=int4 (default: all four).
 #   PYTHONPATH=src bash benchmarks/gpu/fast_decode.sh [RESULTS_DIR]
 set -euo pipefail
 results=${1:-benchmarks/results}
@@ -21,4 +22,8 @@ fi
 if [[ $part == all || $part == peer ]]; then
   python -m benchmarks.bench table --families peer --caches dynamic,static --batches 1 "${common[@]}" \
     --note "fast decode: the peer"
+fi
+if [[ $part == all || $part == int4 ]]; then
+  python -m benchmarks.bench quant --families "${INT4_FAMILIES:-minigpt4-7b,cogvlm2,minigpt4-13b}" --modes int4 \
+    --batches 1 --new-tokens "$tokens" --results "$results"
 fi
