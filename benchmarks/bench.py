@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-MODES = ("table", "profile", "split", "quant", "determinism", "convert", "serve_load", "finetune")
+MODES = ("table", "profile", "split", "quant", "determinism", "convert", "serve_load", "finetune", "compile_cache")
 
 
 def parser() -> argparse.ArgumentParser:

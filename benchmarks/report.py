@@ -191,7 +191,24 @@ def render_finetune(records: list[Record]) -> str:
     return _table(header, rows)
 
 
-RENDERERS = {"fast": render_fast, "finetune": render_finetune, "table": render_table, "profile": render_profile, "history": render_history, "split": render_split,
+def render_compile_cache(records: list[Record]) -> str:
+    header = ["model", "device", "1st process: first generate s", "2nd process (cache on disk): first generate s",
+              "warm generate s"]
+    rows = []
+    for record in records:
+        tiny = " (tiny preset)" if "--smoke-cpu" in (record.command or "") else ""
+        for r in record.data["rows"]:
+            label = FAMILIES[r["family"]].label + tiny
+            first, second = r.get("first_process", {}), r.get("second_process", {})
+            if "error" in first or "error" in second:
+                rows.append([label, record.device, "failed", "failed", "—"])
+                continue
+            rows.append([label, record.device, _f(first["first_generate_s"], 1),
+                         _f(second["first_generate_s"], 1), _f(second["warm_generate_s"], 2)])
+    return _table(header, rows)
+
+
+RENDERERS = {"compile_cache": render_compile_cache, "fast": render_fast, "finetune": render_finetune, "table": render_table, "profile": render_profile, "history": render_history, "split": render_split,
              "determinism": render_determinism, "quant": render_quant}
 
 

@@ -98,7 +98,7 @@ SLOW = {
     "test_demo.py": ("",),
     "test_packaging.py": ("",),  # builds and installs a wheel
     "test_tiny_trained.py": ("",),
-    "test_benchmarks.py": ("test_table_smoke_cpu",),
+    "test_benchmarks.py": ("test_table_smoke_cpu", "test_compile_cache_smoke_cpu"),  # compiles in 2 processes
     "test_compat.py": ("test_hub_folders_work_on_the_installed_transformers",),
     "test_conversion_visualglm.py": ("test_coverage_report", "test_check_passes", "test_push_to_fake_hub",
                                      "test_fresh_interpreter", "test_usage_errors"),

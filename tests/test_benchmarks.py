@@ -103,6 +103,21 @@ def test_finetune_smoke_cpu_end_to_end(tmp_path):
     assert report.render_finetune([Record.load(path)]).count("\n") == 3
 
 
+def test_compile_cache_smoke_cpu_end_to_end(tmp_path):
+    """The compile_cache mode's own code: two child processes per family sharing one new inductor cache folder,
+    each reporting its first (compiling) and its warm generate (no timing is asserted: the record is the
+    measurement)."""
+    argv = ["compile_cache", "--smoke-cpu", "--families", "minigpt4-7b", "--new-tokens", "2", "--results",
+            str(tmp_path)]
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.iterdir()
+    (row,) = Record.load(path).data["rows"]
+    for label in ("first_process", "second_process"):
+        assert "error" not in row[label], row[label]
+        assert row[label]["first_generate_s"] > 0 and row[label]["warm_generate_s"] > 0
+    assert report.render_compile_cache([Record.load(path)]).count("\n") == 2
+
+
 def test_performance_md_tables_are_generated_from_the_records():
     text = report.DOC.read_text()
     assert len(report.BLOCK.findall(text)) >= 6
