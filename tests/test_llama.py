@@ -350,6 +350,79 @@ def test_left_padded_batch_equals_singles(preset, attn):
         assert rel_err(step[i], single_step[0]) <= TOL
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_grouped_query_decode_without_repeated_kv_equals_repeated(attn, cache_kind, monkeypatch):
+    """A grouped-query decode step (v2: 8 query heads on 2 key/value heads) runs each key/value head with its group
+    of query heads (``grouped_single_query``) instead of repeating the cache's heads: the outputs equal the repeated
+    path's, for a left-padded batch (a padding mask) and without a mask, over a dynamic and a static (longer than the
+    sequence, padded-mask) cache."""
+    import copy
+
+    from transformers.cache_utils import StaticCache
+
+    import modeling_visualglm.llama as llama_module
+
+    model = build("v2", seed=40)
+    model.set_attn_implementation(attn)
+    rows = [random_ids(n, seed=41 + i) for i, n in enumerate([9, 6])]
+    ids, attn_mask, vis = left_pad(rows, [image_mask(9, 1, 3), image_mask(6, 1, 3)])
+    nxt = random_ids(2, seed=44)[:, None]
+    packed = []
+    real = llama_module.grouped_single_query
+
+    def spying(*args, **kwargs):
+        result = real(*args, **kwargs)
+        packed.append(result is not None)
+        return result
+
+    def run(grouped, mask):
+        monkeypatch.setattr(llama_module, "grouped_single_query", grouped)
+        if cache_kind == "static":
+            cache = StaticCache(config=model.config, max_cache_len=32)
+        else:
+            cache = None
+        prefill_mask = attn_mask if mask else None
+        out = model(ids, attention_mask=prefill_mask, vision_expert_mask=vis, cache=cache, use_cache=True)
+        cache = copy.deepcopy(output_cache(out))
+        step_mask = None
+        if mask:
+            step_mask = torch.cat([attn_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            if cache_kind == "static":
+                step_mask = torch.nn.functional.pad(step_mask, (0, 32 - step_mask.shape[1]))
+        return model(nxt, attention_mask=step_mask, cache=cache)
+
+    for mask in (True, False):
+        packed.clear()
+        got = run(spying, mask)
+        assert packed and all(packed[-len(model.layers):]), "the decode step did not take the grouped path"
+        ref = run(lambda *a, **k: None, mask)
+        assert rel_err(got.last_hidden_state, ref.last_hidden_state) <= TOL, (mask, cache_kind)
+
+
+@torch.no_grad()
+def test_grouped_query_decode_traces_as_one_graph():
+    """The grouped decode step under torch.compile(fullgraph=True) (dynamo must not break the graph on the view
+    object or the reshapes; the compiled fast-decode path needs one graph) gives the eager step's output."""
+    import copy
+
+    from transformers.cache_utils import StaticCache
+
+    model = build("v2", seed=45)
+    ids = random_ids(7, seed=46)[None]
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    out = model(ids, cache=cache, use_cache=True)
+    mask = torch.nn.functional.pad(torch.ones(1, 8, dtype=torch.long), (0, 8))
+    nxt = random_ids(1, seed=47)[None]
+    eager_cache, compiled_cache = copy.deepcopy(output_cache(out)), copy.deepcopy(output_cache(out))
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, backend="eager")
+    got = step(nxt, attention_mask=mask, cache=compiled_cache).last_hidden_state  # the first grouped call
+    ref = model(nxt, attention_mask=mask, cache=eager_cache).last_hidden_state
+    assert rel_err(got, ref) <= TOL
+
+
 @pytest.mark.parametrize("preset", ["v1", "v2"])
 @torch.no_grad()
 def test_eager_equals_sdpa(preset):

@@ -103,6 +103,44 @@ def run_decoder_layers(layers, final_norm, hidden_states: torch.Tensor, output_h
 # ---------------------------------------------------------------------------------------------------
 
 
+class _OneQueryGroupView:
+    """What a kernel reads from an attention module (``num_key_value_groups``, ``is_causal``, ``training``,
+    ``config``), for a call whose query rows are one key/value head's group of query heads (see
+    ``grouped_single_query``): one query head per key/value head, no causal mask over the group."""
+
+    num_key_value_groups = 1
+    is_causal = False
+    training = False
+
+    def __init__(self, config):
+        self.config = config
+
+
+def grouped_single_query(module, attention_interface, query, key, value, attention_mask, **kwargs):
+    """Grouped-query attention of one new token per row without repeating the cache's key/value heads: the query
+    (B, nh, 1, hd) is viewed as (B, nkv, nh / nkv, hd), each key/value head attending with its group of query heads
+    as if they were query positions (exact: it is the same per-head attention). ``repeat_kv``, which transformers'
+    SDPA uses whenever a mask is given (before 5.24, and under torch.compile after), copies the whole cache
+    ``nh / nkv`` times per layer and step. Only for masks shared by all heads and query positions, (B|1, 1, 1, Tk);
+    returns None when it does not apply. → (B, 1, nh, hd), weights (B, nh, 1, Tk) or None."""
+    groups = module.num_key_value_groups
+    if (groups == 1 or query.shape[2] != 1 or module.training
+            or module.config._attn_implementation not in ("sdpa", "eager")
+            or (attention_mask is not None and (attention_mask.ndim != 4 or attention_mask.shape[1] != 1
+                                                or attention_mask.shape[2] != 1))):
+        return None
+    view = module.__dict__.get("_one_query_group_view")
+    if view is None:
+        view = module.__dict__["_one_query_group_view"] = _OneQueryGroupView(module.config)
+    b, nh, _, hd = query.shape
+    out, weights = attention_interface(view, query.reshape(b, nh // groups, groups, hd), key, value, attention_mask,
+                                       **kwargs)  # (B, groups, nkv, hd)
+    out = out.transpose(1, 2).reshape(b, 1, nh, hd)
+    if weights is not None:
+        weights = weights.reshape(b, nh, 1, weights.shape[-1])
+    return out, weights
+
+
 class DispatchedAttention(nn.Module):
     """Base of every attention layer: the fields transformers' kernels read from the module (``config``,
     ``scaling``, ``is_causal``, ``attention_dropout``) and ``attend``, which runs the kernel that

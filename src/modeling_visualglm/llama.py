@@ -44,7 +44,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import (
     DecoderPreTrainedModel, DispatchedAttention, RotaryEmbedding, apply_rotary, eager_attention_forward,
-    rotary_inv_freq,
+    grouped_single_query, rotary_inv_freq,
 )
 from .compat import ALL_ATTENTION_FUNCTIONS, causal_mask
 from .configuration_blocks import LlamaExpertConfig
@@ -229,10 +229,16 @@ class LlamaExpertAttention(DispatchedAttention):
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, attn_weights = attention_interface(
-            self, query, key, value, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
-        )  # (B, T, nh, hd); vLLM's kernel returns (T, nh * hd) for its batch of one
+        # a decode step of grouped-query attention (CogVLM2): each key/value head with its group of query heads
+        grouped = grouped_single_query(self, attention_interface, query, key, value, attention_mask,
+                                       dropout=0.0, scaling=self.scaling, **kwargs)
+        if grouped is not None:
+            attn_output, attn_weights = grouped
+        else:
+            attn_output, attn_weights = attention_interface(
+                self, query, key, value, attention_mask,
+                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+            )  # (B, T, nh, hd); vLLM's kernel returns (T, nh * hd) for its batch of one
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
         return route(attn_output, self.language_expert_dense, self.vision_expert_dense, routing), attn_weights
 
