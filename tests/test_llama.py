@@ -439,7 +439,13 @@ def test_eager_equals_sdpa(preset):
     assert rel_err(sdpa_plain, model(ids[:1]).last_hidden_state) <= TOL
 
 
-def test_gradient_checkpointing_and_grads_reach_both_experts():
+@pytest.mark.parametrize("use_cache", [False, None])
+def test_gradient_checkpointing_and_grads_reach_both_experts(use_cache):
+    """Under gradient checkpointing the output equals the eval forward and gradients reach both experts, with
+    use_cache off and with the config's default (on): then no cache is made either (backward's recomputation would
+    append the keys twice on transformers before 5.24)."""
+    from modeling_visualglm.compat import output_cache
+
     model = build("v2", seed=34)
     ids = random_ids(8, seed=35)[None]
     vis = image_mask(8, 1, 4)[None]
@@ -447,31 +453,14 @@ def test_gradient_checkpointing_and_grads_reach_both_experts():
         ref = model(ids, vision_expert_mask=vis).last_hidden_state
     model.train()
     enable_checkpointing(model)
-    out = model(ids, vision_expert_mask=vis, use_cache=False)
+    assert model.config.use_cache
+    out = model(ids, vision_expert_mask=vis, use_cache=use_cache)
+    assert output_cache(out) is None
     assert rel_err(out.last_hidden_state.detach(), ref) <= TOL
     out.last_hidden_state.square().mean().backward()
     attn = model.layers[0].self_attn
     assert attn.vision_expert_query_key_value.weight.grad.abs().sum() > 0
     assert attn.language_expert_query_key_value.weight.grad.abs().sum() > 0
-
-
-def test_checkpointing_makes_no_cache_when_the_config_asks_for_one():
-    """As ChatGLM's: the config's ``use_cache`` under gradient checkpointing makes no cache (backward's recomputation
-    would append the keys twice on transformers before 5.24) and the output equals the eval forward."""
-    from modeling_visualglm.compat import output_cache
-
-    model = build("v2", seed=38)
-    ids = random_ids(8, seed=39)[None]
-    vis = image_mask(8, 1, 4)[None]
-    with torch.no_grad():
-        ref = model(ids, vision_expert_mask=vis).last_hidden_state
-    model.train()
-    enable_checkpointing(model)
-    assert model.config.use_cache
-    out = model(ids, vision_expert_mask=vis)
-    assert output_cache(out) is None
-    assert rel_err(out.last_hidden_state.detach(), ref) <= TOL
-    out.last_hidden_state.square().mean().backward()
 
 
 def test_bad_inputs():
