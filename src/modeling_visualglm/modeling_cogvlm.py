@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 
-from .compat import generation_cache, init
+from .compat import init
 from .configuration_cogvlm import CHAT_DEFAULTS, CogVLMConfig
 from .eva_vit import EvaVisionModel
 from .image_processing_cogvlm import CogVLMImageProcessor
@@ -260,14 +260,10 @@ class CogVLMForConditionalGeneration(CogVLMPreTrainedModel, MultimodalForConditi
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # generate() builds the prompt positions once (cumsum of the mask by default) and then adds +1 per new
         # token; with the image block's 3-position rule in the prompt, that +1 continuation is exactly right
-        input_ids = model_kwargs.get("input_ids")
-        if input_ids is None or input_ids.shape[1] == 0:
-            input_ids = inputs_tensor
-        cache, mask = generation_cache(model_kwargs), model_kwargs.get("attention_mask")
-        if (input_ids is None or input_ids.is_floating_point() or (cache is not None and cache.get_seq_length() != 0)
-                or (mask is not None and mask.shape[-1] != input_ids.shape[1])):
+        input_ids = self._generation_prompt_ids(inputs_tensor, model_kwargs)
+        if input_ids is None:
             return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        return cogvlm_position_ids(input_ids == self.config.image_token_id, mask)
+        return cogvlm_position_ids(input_ids == self.config.image_token_id, model_kwargs.get("attention_mask"))
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
         # generate() extends token_type_ids by repeating the last one: they are checked at prefill, derived elsewhere

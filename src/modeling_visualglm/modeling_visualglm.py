@@ -34,7 +34,6 @@ from .qformer import QFormerModel
 # imports recursively): these lines name the rest of the import closure (delete with the 4.57 floor)
 from .attention import eager_attention_forward  # noqa: F401
 from .compat import CACHE_ARG  # noqa: F401
-from .compat import generation_cache
 from .configuration_blocks import ChatGLMConfig  # noqa: F401
 from .decode_graphs import FastDecoder  # noqa: F401
 
@@ -93,13 +92,10 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, MultimodalForC
     _GLM_POSITIONS = "glm_position_ids"
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        input_ids = model_kwargs.get("input_ids")
-        if input_ids is None or input_ids.shape[1] == 0:
-            input_ids = inputs_tensor
-        cache, mask = generation_cache(model_kwargs), model_kwargs.get("attention_mask")
-        if not (input_ids is None or input_ids.is_floating_point() or (cache is not None and cache.get_seq_length() != 0)
-                or (mask is not None and (mask.ndim != 2 or mask.shape[-1] != input_ids.shape[1]))):
-            model_kwargs[self._GLM_POSITIONS] = chatglm_position_ids(input_ids, mask, self.config.text_config)
+        input_ids = self._generation_prompt_ids(inputs_tensor, model_kwargs)
+        if input_ids is not None:
+            model_kwargs[self._GLM_POSITIONS] = chatglm_position_ids(input_ids, model_kwargs.get("attention_mask"),
+                                                                     self.config.text_config)
         return None  # generate() keeps no 1-D positions for GLM
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):

@@ -22,7 +22,8 @@ from transformers.generation import LogitsProcessorList
 
 from .attention import TextPreTrainedModel
 from .chat_utils import check_history, prepare_chat, stream_generate
-from .compat import CACHE_ARG, MultimodalCausalLMOutputWithPast, cache_kwargs, kv_length, output_cache, pick_cache
+from .compat import (CACHE_ARG, MultimodalCausalLMOutputWithPast, cache_kwargs, generation_cache, kv_length, output_cache,
+                     pick_cache)
 from .decode_graphs import FastDecoder, plan, resolve_mode
 
 
@@ -253,6 +254,18 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         if step_ids is not None and step_ids.shape[1] == input_ids.shape[1]:  # the prefill (shapes only decide)
             self._check_generation_prefill(input_ids, attention_mask, model_inputs.get("pixel_values") is not None)
         return drop_images_after_prefill(model_inputs, input_ids)
+
+    def _generation_prompt_ids(self, inputs_tensor, model_kwargs):
+        """For a family's ``_prepare_position_ids_for_generation``: the prompt ids ``generate`` starts from when the
+        positions can be built from them alone (ids, an empty cache, no 2-D mask of another length); else None."""
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = inputs_tensor
+        cache, mask = generation_cache(model_kwargs), model_kwargs.get("attention_mask")
+        if (input_ids is None or input_ids.is_floating_point() or (cache is not None and cache.get_seq_length() != 0)
+                or (mask is not None and (mask.ndim != 2 or mask.shape[-1] != input_ids.shape[1]))):
+            return None
+        return input_ids
 
     def create_masks_for_generate(self, config=None, attention_mask=None, **kwargs):
         # The language models build their own masks (ChatGLM: prefix-LM from the block positions; LLaMA: causal) from
