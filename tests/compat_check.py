@@ -109,6 +109,20 @@ def main(folder: str, name: str, result_path: str) -> None:
     result["first_logits"] = logits.tolist()
     result["plain_generate"] = new[:16]
 
+    # the repetition penalty over a prompt whose image placeholders may lie past the LM head (CogVLM's do; the
+    # releases before ~5.2x fail on them without compat.placeholder_safe_processors), re-derived from the raw logits
+    penalty = 1.3
+    out = model.generate(input_ids=input_ids, pixel_values=pixel_values, do_sample=False, max_new_tokens=3,
+                         min_length=0, repetition_penalty=penalty, output_scores=True, output_logits=True,
+                         return_dict_in_generate=True)
+    for step, (score, raw) in enumerate(zip(out.scores, out.logits)):
+        seen = out.sequences[0, :input_ids.shape[1] + step]
+        seen = seen[seen < raw.shape[-1]].unique()
+        expected = raw.clone()
+        picked = expected[0, seen]
+        expected[0, seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        torch.testing.assert_close(score, expected)
+
     # chat and stream_chat (greedy), then a second turn over a history longer than the model's positions
     greedy = dict(do_sample=False, max_new_tokens=8, min_length=0)
     response, history = model.chat(tokenizer, image(2), "What is in the picture?", history=[], **greedy)

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -33,6 +34,24 @@ def test_feature_detection_agrees_with_the_release_notes():
     version = Version(transformers.__version__).release
     assert compat.CACHE_ARG == ("cache" if version >= (5, 24) else "past_key_values")
     assert compat.TRANSFORMERS_4 == (version < (5,))
+
+
+def test_placeholder_safe_repetition_penalty_equals_the_newer_releases():
+    """The shim for releases whose repetition penalty fails on ids past the LM head (CogVLM's image placeholders)
+    against this release's own processor, which skips them (seeded random scores, ids up to vocab + 3)."""
+    from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    if not compat.repetition_penalty_skips_foreign_ids():
+        pytest.skip("this transformers has no reference: its penalty fails on such ids (the shim is active)")
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 50, generator=generator)
+    ids = torch.randint(0, 54, (3, 20), generator=generator)
+    assert (ids >= 50).any()
+    reference = RepetitionPenaltyLogitsProcessor(1.4)(ids, scores.clone())
+    safe = compat._PlaceholderSafeRepetitionPenalty(1.4)(ids, scores.clone())
+    torch.testing.assert_close(safe, reference, rtol=0, atol=0)
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.4)])
+    assert compat.placeholder_safe_processors(processors) is processors  # left alone where the release skips them
 
 
 def test_installed_transformers_is_in_the_declared_range():

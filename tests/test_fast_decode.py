@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.generation import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from modeling_visualglm.decode_graphs import CACHE_BUCKET, resolve_mode
 from modeling_visualglm.tools import shapes
@@ -110,6 +112,93 @@ def test_plain_loop_where_the_fast_path_does_not_apply(trained):
     assert beams.shape[0] == 1
     assert torch.equal(_generate(model, inputs, None, do_sample=False)[0], ref)  # "auto" is off on the CPU
     assert model._fast_decoder is None or model._fast_decoder.current is None
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1, 1) if value.ndim == 1 else value.reshape(value.shape[0], -1))
+
+    def end(self):
+        self.ended = True
+
+
+class _StopAt(StoppingCriteria):
+    """Stops every row once the sequence is ``length`` long (a device tensor, as transformers' criteria give)."""
+
+    def __init__(self, length):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, device=input_ids.device)
+
+
+def _counting_forwards(model):
+    calls = []
+    return calls, model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_answers_that_end_early_equal_plain_generate(trained, batch):
+    """Rows end on EOS at different steps (the stop check read one step late, decode_graphs.decode_loop): the
+    same sequences, scores and logits as the plain loop, and exactly one decode step more, which is undone."""
+    family, model, tokenizer = trained
+    inputs = _batch(model, tokenizer, batch)
+    runs = {}
+    for mode in ("off", "graphs"):
+        calls, hook = _counting_forwards(model)
+        try:
+            out = model.generate(**inputs, max_new_tokens=40, do_sample=False, output_scores=True,
+                                 output_logits=True, return_dict_in_generate=True, fast_decode=mode)
+        finally:
+            hook.remove()
+        runs[mode] = out, len(calls)
+    (ref, ref_calls), (out, calls) = runs["off"], runs["graphs"]
+    assert ref.sequences.shape[1] - inputs["input_ids"].shape[1] < 40  # every row ended on EOS
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.scores) == len(ref.scores) == len(out.logits)
+    torch.testing.assert_close(torch.stack(out.scores, 1), torch.stack(ref.scores, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), rtol=1e-5, atol=1e-5)
+    steps = ref.sequences.shape[1] - inputs["input_ids"].shape[1]
+    assert ref_calls == steps  # the prefill and one forward per later token
+    assert calls == steps + (steps > 1)  # ... and the one step launched before the stop was read (none after
+    # the first token: it is checked at once)
+
+
+def test_streamed_tokens_equal_plain_generate(trained):
+    family, model, tokenizer = trained
+    inputs = _batch(model, tokenizer, 1)
+    streams = {}
+    for mode in ("off", "graphs"):
+        streams[mode] = _Collect()
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=False, streamer=streams[mode], fast_decode=mode)
+    assert streams["graphs"].ended
+    assert len(streams["graphs"].chunks) == len(streams["off"].chunks) > 2  # the prompt, then one per token
+    assert torch.equal(torch.cat(streams["graphs"].chunks, 1), torch.cat(streams["off"].chunks, 1))
+    assert torch.equal(torch.cat(streams["graphs"].chunks, 1), out)
+
+
+@pytest.mark.parametrize("stop", ["max_new_tokens", "criterion"])
+def test_length_and_custom_stops_equal_plain_generate(trained, stop):
+    """max_new_tokens is known on the host: no step beyond it. A caller's stopping criterion is read one step late
+    like EOS, and the extra step undone."""
+    family, model, tokenizer = trained
+    inputs = _batch(model, tokenizer, 2)
+    length = inputs["input_ids"].shape[1] + 3
+    options = (dict(max_new_tokens=3) if stop == "max_new_tokens"
+               else dict(max_new_tokens=40, stopping_criteria=StoppingCriteriaList([_StopAt(length)])))
+    runs = {}
+    for mode in ("off", "graphs"):
+        calls, hook = _counting_forwards(model)
+        try:
+            runs[mode] = model.generate(**inputs, do_sample=False, fast_decode=mode, **options), len(calls)
+        finally:
+            hook.remove()
+    (ref, ref_calls), (out, calls) = runs["off"], runs["graphs"]
+    assert ref.shape[1] == length and torch.equal(out, ref)
+    assert calls == ref_calls + (stop == "criterion")
 
 
 def test_modes_are_checked():

@@ -8,6 +8,7 @@ a backport or a dev build takes the right branch.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import field, make_dataclass
 from typing import Optional
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 from transformers import masking_utils
 from transformers.cache_utils import Cache
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _ALL_ATTENTION_FUNCTIONS
 
@@ -221,3 +223,38 @@ def llama_tokenizer_class():
     import transformers
 
     return transformers.LlamaTokenizerFast if TRANSFORMERS_4 else transformers.LlamaTokenizer
+
+
+# --- repetition penalty over image placeholders ------------------------------------------------------------------
+# transformers up to at least 5.17 (and 4.57.x) gathers the repetition penalty's scores at every id of the sequence,
+# so an image placeholder id past the LM head's rows (CogVLM's default: the text vocab_size) fails with an index
+# error; later releases drop such ids (they can never be generated). Detected by trying it once.
+@functools.cache
+def repetition_penalty_skips_foreign_ids() -> bool:
+    try:
+        RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([[2]]), torch.ones(1, 2))
+    except (IndexError, RuntimeError):
+        return False
+    return True
+
+
+class _PlaceholderSafeRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
+    """The same penalty; ids past the scores' last row go to one extra column, dropped afterwards."""
+
+    def __call__(self, input_ids, scores):
+        vocab = scores.shape[-1]
+        extended = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=-1)
+        return super().__call__(input_ids.clamp(max=vocab), extended)[:, :vocab]
+
+
+def placeholder_safe_processors(processors):
+    """``processors`` (a ``LogitsProcessorList``) with transformers' repetition penalty made safe for placeholder
+    ids past the LM head where the running release is not."""
+    if repetition_penalty_skips_foreign_ids():
+        return processors
+    for i, processor in enumerate(processors):
+        if type(processor) is RepetitionPenaltyLogitsProcessor:
+            safe = _PlaceholderSafeRepetitionPenalty.__new__(_PlaceholderSafeRepetitionPenalty)
+            safe.__dict__.update(processor.__dict__)
+            processors[i] = safe
+    return processors

@@ -205,3 +205,135 @@ class FastDecoder:
     def takes(self, input_ids, cache, pixel_values) -> Optional[DecodeGraph]:
         graph = self.active
         return graph if graph is not None and graph.takes(input_ids, cache, pixel_values) else None
+
+
+# --- the decode loop -------------------------------------------------------------------------------------------
+
+
+class _DeferredStop:
+    """The "all rows finished?" flag of step n, read on the host at step n+1.
+
+    transformers' loop reads ``unfinished.max() == 0`` right after each step: the host waits for the GPU to finish
+    the step before it prepares and launches the next one, and the GPU idles for that host work, every token.
+    Here each step's flag (and, for a streamer, its tokens) is copied to pinned host memory without blocking and
+    read one step later, while the next step runs. When a flag says stop, the step taken since is undone.
+    """
+
+    def __init__(self, batch_size: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.slots = [(torch.zeros((), dtype=torch.bool, pin_memory=cuda),
+                       torch.zeros(batch_size, dtype=torch.long, pin_memory=cuda),
+                       torch.cuda.Event() if cuda else None) for _ in range(2)]
+        self.index = 0
+        self.pending = None
+
+    def push(self, unfinished: torch.Tensor, tokens: torch.Tensor):
+        """Queue this step's flag and tokens; return the previous step's (stop, tokens), or None at the first."""
+        flag, host_tokens, event = slot = self.slots[self.index]
+        self.index ^= 1
+        flag.copy_(unfinished.max() == 0, non_blocking=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        if event is not None:
+            event.record()
+        previous, self.pending = self.pending, slot
+        if previous is None:
+            return None
+        if previous[2] is not None:
+            previous[2].synchronize()  # the previous step only: this one is queued behind it
+        return bool(previous[0]), previous[1].clone()
+
+    def last_tokens(self) -> torch.Tensor:
+        if self.pending[2] is not None:
+            self.pending[2].synchronize()
+        return self.pending[1].clone()
+
+
+def _output_class_fields():
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return GenerateDecoderOnlyOutput, GenerateDecoderOnlyOutput.__dataclass_fields__
+
+
+def can_loop(model, generation_config, synced_gpus: bool) -> bool:
+    """May ``decode_loop`` replace transformers' sampling loop for this call?"""
+    return (not synced_gpus and hasattr(model, "_prefill") and not generation_config.output_attentions
+            and not generation_config.output_hidden_states and not model.config.is_encoder_decoder
+            and not getattr(generation_config, "is_assistant", False))
+
+
+def decode_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+    """transformers' greedy/sampling loop (``GenerationMixin._sample``) with the stop check read one step late.
+
+    The same pieces in the same order, so the same tokens, scores and logits: the prefill (``_prefill``), then per
+    step ``prepare_inputs_for_generation``, the forward (a graph replay), ``_update_model_kwargs_for_generation``,
+    the logits processors, argmax or multinomial sampling, finished rows padded, the stopping criteria. Only the
+    host's "are all rows finished?" is read one step late (``_DeferredStop``), so the next step is launched before
+    the host waits; when a flag says stop, the step taken since is dropped from the outputs (the static cache is
+    reset by the next call). A reached ``max_length`` is known on the host and stops at once. The first token is
+    checked (and streamed) without delay, so an answer that ends at once takes no extra step.
+    """
+    config = generation_config
+    pad = config._pad_token_tensor
+    if pad is not None:
+        pad = pad.to(input_ids.device)
+    has_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+    keep = config.return_dict_in_generate
+    scores = () if keep and config.output_scores else None
+    raw_logits = () if keep and config.output_logits else None
+    max_length = stopping_criteria.max_length
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    stop = _DeferredStop(input_ids.shape[0], input_ids.device)
+
+    outputs = model._prefill(input_ids, config, model_kwargs)
+    first, undo = True, 0
+    while True:
+        if not first:
+            inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+            outputs = model(**inputs, return_dict=True)
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+        del outputs
+        next_scores = logits_processor(input_ids, logits)
+        if scores is not None:
+            scores += (next_scores,)
+        if raw_logits is not None:
+            raw_logits += (logits,)
+        if config.do_sample:
+            next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_scores, dim=-1)
+        if has_eos:
+            next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+        if first:  # the first token: checked and streamed now (one sync, as the prefill's end needs anyway)
+            first = False
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            if bool(unfinished.max() == 0) or (max_length is not None and input_ids.shape[1] >= max_length):
+                break
+            continue
+        previous = stop.push(unfinished, next_tokens)
+        if previous is not None:
+            stopped, tokens = previous
+            if streamer is not None:
+                streamer.put(tokens)
+            if stopped:  # the previous step finished every row: this step is one too many
+                undo = 1
+                break
+        if max_length is not None and input_ids.shape[1] >= max_length:
+            break
+    if undo:
+        input_ids = input_ids[:, :-1]
+        scores = scores[:-1] if scores is not None else None
+        raw_logits = raw_logits[:-1] if raw_logits is not None else None
+    elif stop.pending is not None and streamer is not None:
+        streamer.put(stop.last_tokens())
+    if streamer is not None:
+        streamer.end()
+    if not keep:
+        return input_ids
+    output_class, fields = _output_class_fields()
+    cache = next((model_kwargs[name] for name in ("cache", "past_key_values") if name in model_kwargs), None)
+    cache_field = "cache" if "cache" in fields else "past_key_values"
+    return output_class(sequences=input_ids, scores=scores, logits=raw_logits, **{cache_field: cache})

@@ -23,8 +23,8 @@ from transformers.generation import LogitsProcessorList
 from .attention import TextPreTrainedModel
 from .chat_utils import check_history, prepare_chat, stream_generate
 from .compat import (CACHE_ARG, MultimodalCausalLMOutputWithPast, cache_kwargs, generation_cache, kv_length, output_cache,
-                     pick_cache)
-from .decode_graphs import FastDecoder, plan, resolve_mode
+                     pick_cache, placeholder_safe_processors)
+from .decode_graphs import FastDecoder, can_loop, decode_loop, plan, resolve_mode
 
 
 def placeholder_count_error(n_placeholders: int, num_images: int, num_image_tokens: int, image_token_id: int,
@@ -241,6 +241,20 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         with self._fast_decoder.session(self, input_ids.shape[0], max_cache_len,
                                         resolve_mode(mode, self.device)) as graph:
             return super().generate(*args, **kwargs, **{CACHE_ARG: graph.cache}, disable_compile=True)
+
+    def _get_logits_processor(self, *args, **kwargs):
+        return placeholder_safe_processors(super()._get_logits_processor(*args, **kwargs))
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """transformers' greedy/sampling loop; in a fast-decode session ``decode_graphs.decode_loop``, which reads the
+        stop check one step late so that the host never waits for the GPU between two replays."""
+        if (self._fast_decoder is not None and self._fast_decoder.active is not None
+                and can_loop(self, generation_config, synced_gpus)):
+            return decode_loop(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                               model_kwargs)
+        return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                               synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
 
     def release_fast_decode(self) -> None:
         """Free the static cache and CUDA graph kept for the next ``generate`` call."""
