@@ -7,6 +7,7 @@ Real size: bf16 weights constructed on the device (no fp32 copy on the host), ev
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,3 +155,36 @@ def decode_timing(model, inputs: dict, new_tokens: int, device: torch.device, *,
              "ms_per_step": decode_s / (new_tokens - 1) * 1e3} if decode_s > 0 else {}  # noise beat the decode
     return {"ttft_ms": ttft * 1e3, **rates, "ttft_runs_s": ttft_runs, "total_runs_s": total_runs,
             **({"first_generate_s": first[0]} if first else {})}, last["seq"]
+
+
+def host_syncs(model, inputs: dict, new_tokens: int, device: torch.device, **extra) -> int | None:
+    """How many synchronizing CUDA calls torch flags (``torch.cuda.set_sync_debug_mode``) in one generate; None off
+    CUDA. Two lengths' difference is the count per decode step."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            generate(model, inputs, new_tokens, **extra)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        synchronize(device)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def graph_replay_ms(model, device: torch.device, replays: int = 32) -> float | None:
+    """The captured decode step's own time: ``replays`` back-to-back replays of the graph the last generate kept
+    (decode_graphs.py), no host work between them; None where no graph was captured. The cache's lengths are moved
+    back first so the replays rewrite positions already used, then restored."""
+    decoder = getattr(model, "_fast_decoder", None)
+    graph = decoder.current if decoder is not None else None
+    if device.type != "cuda" or graph is None or graph.graph is None:
+        return None
+    lengths = graph._lengths()
+    graph._restore([length - replays for length in lengths])
+    try:
+        times = timed_runs(lambda: [graph.graph.replay() for _ in range(replays)], device, repeat=3, warmup=0)
+    finally:
+        graph._restore(lengths)
+    return median(times) / replays * 1e3

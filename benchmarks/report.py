@@ -158,9 +158,11 @@ def render_quant(records: list[Record]) -> str:
 
 def render_fast(records: list[Record]) -> str:
     """Our decode paths against the floor: weight bytes (bf16 language model + LM head) plus the KV bytes a step
-    reads (batch × mean context × bytes per cached token), over the copy bandwidth measured in the same run."""
-    header = ["model", "path", "batch", "ms/step", "floor ms/step", "% of floor", "TTFT ms", "first generate s",
-              "peak GiB"]
+    reads (batch × mean context × bytes per cached token), over the copy bandwidth measured in the same run.
+    "graph alone": the captured step replayed back to back (no host work between); "syncs/step": synchronizing
+    CUDA calls per decode step in generate (torch's sync debug mode); both only in records since they exist."""
+    header = ["model", "path", "batch", "ms/step", "graph alone ms", "syncs/step", "floor ms/step", "% of floor",
+              "TTFT ms", "first generate s", "peak GiB"]
     names = {"dynamic": "plain loop (dynamic cache)", "static": "transformers static + compile",
              "graphs": "**default**: CUDA graph", "compile": "compiled + CUDA graph"}
     rows = []
@@ -171,8 +173,9 @@ def render_fast(records: list[Record]) -> str:
             context = r["prompt_len"] + record.data["settings"]["new_tokens"] / 2
             nbytes = f["lm_params"] * 2 + r["batch"] * context * f.get("kv_bytes_per_token", 0)
             floor = nbytes / (record.data["floors"]["copy_GBps"] * 1e9) * 1e3
+            syncs = r.get("host_syncs_per_step")
             rows.append([FAMILIES[r["family"]].label, names[r["cache"]], r["batch"], _f(r["ms_per_step"], 2),
-                         _f(floor, 2), f"{100 * floor / r['ms_per_step']:.0f} %", _f(r["ttft_ms"]),
+                         _f(r.get("replay_ms"), 2), "—" if syncs is None else f"{syncs:g}", _f(floor, 2), f"{100 * floor / r['ms_per_step']:.0f} %", _f(r["ttft_ms"]),
                          _f(r.get("first_generate_s"), 1), _f(r["peak_GiB"])])
     return _table(header, rows)
 

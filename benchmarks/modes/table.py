@@ -11,8 +11,11 @@ import time
 
 import torch
 
+from modeling_visualglm.decode_graphs import CACHE_BUCKET, bucketed
+
 from ..harness import empty_cache, floors, memory_allocated_gib, peak_memory_gib, reset_peak_memory, synchronize
-from ..models import CACHES, batch_inputs, build, cache_options, decode_timing, generate, rel_l2
+from ..models import (CACHES, batch_inputs, build, cache_options, decode_timing, generate, graph_replay_ms, host_syncs,
+                      rel_l2)
 
 DEFAULTS = dict(families="visualglm,cogvlm,cogvlm2,minigpt4-7b,minigpt4-13b,peer", new_tokens=256, batches="1,8,32",
                 caches="dynamic,static,graphs,compile", compile_batches="1", repeat=2, ttft_repeat=3, floor_copy_bytes=2**30, floor_matmul_n=8192)
@@ -42,6 +45,14 @@ def cached_vs_full(built) -> dict:
     cached, ref = torch.stack(out.logits, 1).float(), full[:, -8:].float()  # (B, 8, V)
     return {"cached_vs_full_rel_l2": rel_l2(cached, ref),
             "argmax_agreement": (cached.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def sync_lengths(prompt_len: int, new_tokens: int) -> tuple[int, int] | None:
+    """Two generate lengths whose static caches fall in the timed run's bucket (another bucket would capture, and
+    under "compile" compile, a new step), as far apart as that allows; None if no two do."""
+    bucket = bucketed(prompt_len + new_tokens)
+    shortest = max(2, bucket - CACHE_BUCKET + 1 - prompt_len, new_tokens - 32)
+    return (shortest, new_tokens) if shortest < new_tokens else None
 
 
 @torch.no_grad()
@@ -81,6 +92,13 @@ def bench_family(name, args, device) -> tuple[dict, list[dict]]:
                 continue
             row = {"family": name, "cache": cache, "batch": batch, "prompt_len": batch_in["input_ids"].shape[1],
                    **timing, "peak_GiB": peak_memory_gib(device)}
+            if "fast_decode" in extra and device.type == "cuda":
+                # where a step's time goes: the captured step alone, and the host syncs per decode step
+                row["replay_ms"] = graph_replay_ms(built.model, device)
+                lengths = sync_lengths(batch_in["input_ids"].shape[1], args.new_tokens)
+                if lengths is not None:
+                    syncs = [host_syncs(built.model, batch_in, n, device, **extra) for n in lengths]
+                    row["host_syncs_per_step"] = (syncs[1] - syncs[0]) / (lengths[1] - lengths[0])
             if cache != "dynamic" and batch in last:
                 row["same_tokens_as_dynamic"] = bool(torch.equal(seq, last[batch]))
                 if args.smoke_cpu and not row["same_tokens_as_dynamic"]:
