@@ -6,6 +6,7 @@ Real size: bf16 weights constructed on the device (no fp32 copy on the host), ev
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -173,18 +174,40 @@ def host_syncs(model, inputs: dict, new_tokens: int, device: torch.device, **ext
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def graph_replay_ms(model, device: torch.device, replays: int = 32) -> float | None:
+def graph_replay_ms(model, device: torch.device, replays: int = 24) -> float | None:
     """The captured decode step's own time: ``replays`` back-to-back replays of the graph the last generate kept
-    (decode_graphs.py), no host work between them; None where no graph was captured. The cache's lengths are moved
-    back first so the replays rewrite positions already used, then restored."""
+    (decode_graphs.py), no host work between them, three times; None where no graph was captured. The cache's
+    lengths are moved back first so the replays rewrite positions already used (the last generate must have made
+    at least 3 × ``replays`` tokens), then restored."""
     decoder = getattr(model, "_fast_decoder", None)
     graph = decoder.current if decoder is not None else None
     if device.type != "cuda" or graph is None or graph.graph is None:
         return None
-    lengths = graph._lengths()
-    graph._restore([length - replays for length in lengths])
+    repeat = 3
+    lengths = graph._lengths()  # every replay moves them on by one: back by all the replays to come
+    graph._restore([length - replays * repeat for length in lengths])
     try:
-        times = timed_runs(lambda: [graph.graph.replay() for _ in range(replays)], device, repeat=3, warmup=0)
+        times = timed_runs(lambda: [graph.graph.replay() for _ in range(replays)], device, repeat=repeat, warmup=0)
     finally:
         graph._restore(lengths)
     return median(times) / replays * 1e3
+
+
+@functools.cache
+def text_step_params(name: str) -> int:
+    """Parameters a decode step of text tokens must read, at the real size (counted on the meta device): the
+    language model and the LM head, without CogVLM's vision experts (a text token runs the language expert only)
+    and without an input embedding table that is not the LM head's (a step reads one row of it)."""
+    family = FAMILIES[name]
+    with torch.device("meta"):
+        model = family.model_class()(family.config(False))
+    embedding = model.get_input_embeddings().weight
+    untied = embedding is not model.get_output_embeddings().weight
+    total = 0
+    for n, p in model.named_parameters():
+        if family.kind != "peer" and not n.startswith(("language_model", "lm_head")):
+            continue
+        if "vision_expert" in n or "vision_mlp" in n or (untied and p is embedding):
+            continue
+        total += p.numel()
+    return total + (embedding.shape[1] if untied else 0)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .families import FAMILIES
 from .harness import RESULTS, ROOT, Record
+from .models import text_step_params
 
 DOC = ROOT / "docs" / "performance.md"
 BLOCK = re.compile(r"<!-- bench:(?P<kind>[\w-]+):start (?P<files>[^>]*?) -->\n(?P<body>.*?)"
@@ -156,9 +157,34 @@ def render_quant(records: list[Record]) -> str:
     return _table(header, rows)
 
 
+def render_int4(records: list[Record]) -> str:
+    """torchao's weight-only int4 against bf16 on the same decode path, one row per record and model."""
+    header = ["model", "decode path", "bf16 ms/step", "int4 ms/step", "int4 speedup", "int4 weights GiB",
+              "int4 peak GiB", "int4 first generate s", "step-0 logits rel L2 vs bf16", "32 greedy tokens equal"]
+    paths = {"auto": "default: CUDA graph", "compile": "compiled + CUDA graph"}
+    rows = []
+    for record in records:
+        path = paths[record.data["settings"].get("fast_decode") or "auto"]
+        bf16 = {r["family"]: r for r in record.data["rows"] if r["mode"] == "bf16"}
+        for r in record.data["rows"]:
+            if r["mode"] != "int4":
+                continue
+            b1, base = r.get("b1", {}), bf16.get(r["family"], {})
+            if "error" in b1:
+                rows.append([FAMILIES[r["family"]].label, path, _f(base.get("ms_per_step"), 2), "failed"] + ["—"] * 6)
+                continue
+            n = r["steps"]
+            rows.append([FAMILIES[r["family"]].label, path, _f(base.get("ms_per_step"), 2), _f(b1["ms_per_step"], 2),
+                         f"{base['ms_per_step'] / b1['ms_per_step']:.2f}×", _f(r["weights_GiB"]),
+                         _f(b1["peak_GiB"]), _f(b1.get("first_generate_s"), 1), f"{r['first_step_logits_rel_l2']:.3f}",
+                         f"{round(r['token_agreement'] * n)}/{n}"])
+    return _table(header, rows)
+
+
 def render_fast(records: list[Record]) -> str:
-    """Our decode paths against the floor: weight bytes (bf16 language model + LM head) plus the KV bytes a step
-    reads (batch × mean context × bytes per cached token), over the copy bandwidth measured in the same run.
+    """Our decode paths against the floor: the bf16 weight bytes a text token's step reads (``text_step_params``:
+    language model + LM head, no vision experts, one row of an untied input embedding) plus the KV bytes
+    (batch × mean context × bytes per cached token), over the copy bandwidth measured in the same run.
     "graph alone": the captured step replayed back to back (no host work between); "syncs/step": synchronizing
     CUDA calls per decode step in generate (torch's sync debug mode); both only in records since they exist."""
     header = ["model", "path", "batch", "ms/step", "graph alone ms", "syncs/step", "floor ms/step", "% of floor",
@@ -171,11 +197,11 @@ def render_fast(records: list[Record]) -> str:
         for r in _by_family([r for r in record.data["rows"] if "error" not in r and "ms_per_step" in r]):
             f = info[r["family"]]
             context = r["prompt_len"] + record.data["settings"]["new_tokens"] / 2
-            nbytes = f["lm_params"] * 2 + r["batch"] * context * f.get("kv_bytes_per_token", 0)
+            nbytes = text_step_params(r["family"]) * 2 + r["batch"] * context * f.get("kv_bytes_per_token", 0)
             floor = nbytes / (record.data["floors"]["copy_GBps"] * 1e9) * 1e3
             syncs = r.get("host_syncs_per_step")
             rows.append([FAMILIES[r["family"]].label, names[r["cache"]], r["batch"], _f(r["ms_per_step"], 2),
-                         _f(r.get("replay_ms"), 2), "—" if syncs is None else f"{syncs:g}", _f(floor, 2), f"{100 * floor / r['ms_per_step']:.0f} %", _f(r["ttft_ms"]),
+                         _f(r.get("replay_ms"), 2), "—" if syncs is None else f"{abs(syncs):.1f}", _f(floor, 2), f"{100 * floor / r['ms_per_step']:.0f} %", _f(r["ttft_ms"]),
                          _f(r.get("first_generate_s"), 1), _f(r["peak_GiB"])])
     return _table(header, rows)
 
@@ -211,7 +237,7 @@ def render_compile_cache(records: list[Record]) -> str:
     return _table(header, rows)
 
 
-RENDERERS = {"compile_cache": render_compile_cache, "fast": render_fast, "finetune": render_finetune, "table": render_table, "profile": render_profile, "history": render_history, "split": render_split,
+RENDERERS = {"compile_cache": render_compile_cache, "int4": render_int4, "fast": render_fast, "finetune": render_finetune, "table": render_table, "profile": render_profile, "history": render_history, "split": render_split,
              "determinism": render_determinism, "quant": render_quant}
 
 

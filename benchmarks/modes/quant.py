@@ -23,13 +23,15 @@ from ..harness import empty_cache, memory_allocated_gib, peak_memory_gib, reset_
 from ..models import agreement, batch_inputs, build, decode_timing, greedy
 
 DEFAULTS = dict(families="visualglm,cogvlm2,minigpt4-7b", new_tokens=64, modes="4bit,8bit,int4", batches="1,8",
-                workdir="/tmp/bench")
+                fast_decode="auto", workdir="/tmp/bench")
 SMOKE = DEFAULTS  # no CPU run: bitsandbytes' 4/8-bit linears need CUDA
 
 
 def add_arguments(ap):
     ap.add_argument("--modes", help="4bit,8bit,int4 (int4: torchao weight-only)")
     ap.add_argument("--batches", help="batch sizes of the quantized models' timing, comma-separated")
+    ap.add_argument("--fast-decode", choices=("auto", "compile"),
+                    help="decode path of the timed runs, bf16 and quantized alike (default auto: CUDA graphs)")
     ap.add_argument("--workdir", help="where the bf16 model is saved to be reloaded (deleted after each family)")
 
 
@@ -82,7 +84,8 @@ def quant_family(name, args, device) -> list[dict]:
     probe = batch_inputs(built, 2)
     ref_tokens, ref_logits = greedy(built.model, probe, 32)
     bf16 = {"family": name, "mode": "bf16", "weights_GiB": memory_allocated_gib(device)}
-    bf16.update(decode_timing(built.model, batch_inputs(built, 1), args.new_tokens, device)[0])
+    bf16.update(decode_timing(built.model, batch_inputs(built, 1), args.new_tokens, device,
+                              fast_decode=args.fast_decode)[0])
     path = Path(args.workdir) / name
     built.model.save_pretrained(path, max_shard_size="5GB")
     prompts = {int(b): {k: v.cpu() for k, v in batch_inputs(built, int(b)).items()} for b in args.batches.split(",")}
@@ -103,7 +106,11 @@ def quant_family(name, args, device) -> list[dict]:
         for batch, host_in in prompts.items():
             inputs = {k: v.to(device) for k, v in host_in.items()}
             reset_peak_memory(device)
-            timing = decode_timing(qm, inputs, args.new_tokens, device)[0]
+            try:
+                timing = decode_timing(qm, inputs, args.new_tokens, device, fast_decode=args.fast_decode)[0]
+            except Exception as exc:  # report, do not hide
+                row[f"b{batch}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                continue
             row[f"b{batch}"] = {**timing, "peak_GiB": peak_memory_gib(device)}
         if row.get("b1", {}).get("ms_per_step") and bf16.get("ms_per_step"):
             row["b1_speedup_vs_bf16"] = bf16["ms_per_step"] / row["b1"]["ms_per_step"]

@@ -219,16 +219,18 @@ class _DeferredStop:
     read one step later, while the next step runs. When a flag says stop, the step taken since is undone.
     """
 
-    def __init__(self, batch_size: int, device: torch.device):
-        cuda = device.type == "cuda"
-        self.slots = [(torch.zeros((), dtype=torch.bool, pin_memory=cuda),
-                       torch.zeros(batch_size, dtype=torch.long, pin_memory=cuda),
-                       torch.cuda.Event() if cuda else None) for _ in range(2)]
+    def __init__(self):
+        self.slots = None  # made at the first push: a one-token generate never needs them
         self.index = 0
         self.pending = None
 
     def push(self, unfinished: torch.Tensor, tokens: torch.Tensor):
         """Queue this step's flag and tokens; return the previous step's (stop, tokens), or None at the first."""
+        if self.slots is None:
+            cuda = tokens.is_cuda
+            self.slots = [(torch.zeros((), dtype=torch.bool, pin_memory=cuda),
+                           torch.zeros(tokens.shape[0], dtype=torch.long, pin_memory=cuda),
+                           torch.cuda.Event() if cuda else None) for _ in range(2)]
         flag, host_tokens, event = slot = self.slots[self.index]
         self.index ^= 1
         flag.copy_(unfinished.max() == 0, non_blocking=True)
@@ -282,7 +284,7 @@ def decode_loop(model, input_ids, logits_processor, stopping_criteria, generatio
     raw_logits = () if keep and config.output_logits else None
     max_length = stopping_criteria.max_length
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    stop = _DeferredStop(input_ids.shape[0], input_ids.device)
+    stop = _DeferredStop()
 
     outputs = model._prefill(input_ids, config, model_kwargs)
     first, undo = True, 0
