@@ -17,8 +17,11 @@ How it fits into ``generate`` (``MultimodalForConditionalGeneration.generate`` d
    The inputs' names, shapes and dtypes and the other arguments form the graph's signature; a step with a different
    signature is captured anew.
 
-Everything else stays ``generate``'s own: logits processors, sampling, stopping criteria, streamers. So the
-tokens are those of ``generate`` with a static cache (equal to the dynamic cache's in fp32; see
+4. The loop around the steps (``decode_loop``, in place of transformers' ``_sample``) is transformers' greedy/sampling
+   loop with its own logits processors, stopping criteria and streamers, except that the host reads "have all rows
+   finished?" one step late (``_DeferredStop``), so it never waits for the GPU between two replays.
+
+So the tokens are those of ``generate`` with a static cache (equal to the dynamic cache's in fp32; see
 tests/test_fast_decode.py).
 
 Modes (``model.fast_decode`` or ``generate(..., fast_decode=...)``):
