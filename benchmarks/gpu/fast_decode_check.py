@@ -1,5 +1,7 @@
 """GPU check of the fast decode path on the tiny trained models (fp32): graphs and compile give the plain
-generate()'s tokens, and capturing raises nothing (a host sync inside the step would). Run on a GPU machine:
+generate()'s tokens, and capturing raises nothing (a host sync inside the step would); answers that end on EOS at
+different steps in a ragged batch, and a streamer, through the stop check read one step late (pinned copies and
+CUDA events, decode_graphs.decode_loop), give the plain loop's tokens. Run on a GPU machine:
 
     PYTHONPATH=src python -m benchmarks.gpu.fast_decode_check
 """
@@ -7,6 +9,7 @@ generate()'s tokens, and capturing raises nothing (a host sync inside the step w
 import time
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from modeling_visualglm.tools import shapes
 from modeling_visualglm.tools.tiny_models import TRAINED_FAMILIES, load_trained
@@ -33,6 +36,46 @@ def main():
                   flush=True)
         answer, _ = model.chat(tok, image, "What colour is the shape?", do_sample=False)
         print(family, "chat (auto):", answer, flush=True)
+        early_stops(family, model, tok)
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        pass
+
+
+def early_stops(family, model, tok):
+    """A ragged batch of three prompts whose answers end on EOS at different steps, and one streamed answer."""
+    rows, pixels = [], []
+    for i, question in enumerate(["What colour is the shape?", "Describe the picture.", "Where is it? Be brief."]):
+        image = shapes.render(shapes.Scene(i % 6, i % 3, (4 * i) % 9, (1 << 29) + 101 * i))
+        ids, pv, kw = model._chat_inputs(tok, image, question, [], {"do_sample": False})
+        rows.append(ids[0].tolist())
+        pixels.append(pv)
+    kw = {k: v for k, v in kw.items() if k in ("eos_token_id", "pad_token_id", "logits_processor")}
+    width = max(map(len, rows))
+    pad = kw["pad_token_id"]
+    batch = dict(input_ids=torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device),
+                 attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                             device=model.device),
+                 pixel_values=torch.cat(pixels), **kw)
+    out = {mode: model.generate(**batch, max_new_tokens=40, do_sample=False, fast_decode=mode)
+           for mode in ("off", "graphs")}
+    print(family, "ragged batch ending on EOS:", "same" if torch.equal(out["off"], out["graphs"]) else
+          f"DIFFERENT {out['off'][:, width:].tolist()} vs {out['graphs'][:, width:].tolist()}",
+          f"({out['off'].shape[1] - width} steps)", flush=True)
+    single = {k: v[2:3] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # the third row alone
+    streams = {mode: Collect() for mode in ("off", "graphs")}
+    for mode, streamer in streams.items():
+        model.generate(**single, max_new_tokens=40, do_sample=False, fast_decode=mode, streamer=streamer)
+    print(family, "streamed:", "same" if streams["off"].chunks == streams["graphs"].chunks else
+          f"DIFFERENT {streams['off'].chunks} vs {streams['graphs'].chunks}", flush=True)
 
 
 if __name__ == "__main__":
