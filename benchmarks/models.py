@@ -194,13 +194,18 @@ def graph_replay_ms(model, device: torch.device, replays: int = 24) -> float | N
 
 
 @functools.cache
+def _meta_model(name: str):
+    family = FAMILIES[name]
+    with torch.device("meta"):
+        return family.model_class()(family.config(False))
+
+
+@functools.cache
 def text_step_params(name: str) -> int:
     """Parameters a decode step of text tokens must read, at the real size (counted on the meta device): the
     language model and the LM head, without CogVLM's vision experts (a text token runs the language expert only)
     and without an input embedding table that is not the LM head's (a step reads one row of it)."""
-    family = FAMILIES[name]
-    with torch.device("meta"):
-        model = family.model_class()(family.config(False))
+    family, model = FAMILIES[name], _meta_model(name)
     embedding = model.get_input_embeddings().weight
     untied = embedding is not model.get_output_embeddings().weight
     total = 0
@@ -211,3 +216,34 @@ def text_step_params(name: str) -> int:
             continue
         total += p.numel()
     return total + (embedding.shape[1] if untied else 0)
+
+
+def prefill_floor_ms(name: str, prompt_len: int, batch: int, floors: dict) -> float:
+    """A lower bound on the time to first token of ``batch`` image prompts of ``prompt_len`` tokens (one image
+    each), at the real size: the larger of reading every weight once (bf16, at the measured copy bandwidth) and the
+    matmul work at the measured bf16 matmul rate. Counted: 2 FLOPs per parameter per token for the vision tower
+    (its patches + class token), the adapter (per image token) and the language model (per prompt token; the LM head
+    once per row), and attention's 4·T²·H per layer (half of it for the causal language model). Not counted: norms,
+    softmax, rotary, anything else outside a matmul; so the bound is below what any implementation can reach."""
+    family, model = FAMILIES[name], _meta_model(name)
+    config, text = model.config, family.text_config(model.config)
+    vision, adapter, language = 0, 0, 0
+    for n, p in model.named_parameters():
+        group = n.split(".")[0]
+        if group in ("language_model", "lm_head"):
+            language += p.numel()
+        elif group == "vision_model":
+            vision += p.numel()
+        else:
+            adapter += p.numel()
+    head = model.get_output_embeddings().weight.numel()
+    v = config.vision_config
+    patches = (v.image_size // v.patch_size) ** 2 + 1
+    per_token = text_step_params(name) - head  # the LM head runs once per row, below
+    flops = batch * (2 * vision * patches + 4 * v.num_hidden_layers * patches**2 * v.hidden_size
+                     + 2 * adapter * config.num_image_tokens
+                     + 2 * per_token * prompt_len + 2 * head
+                     + 2 * text.num_hidden_layers * prompt_len**2 * text.hidden_size)
+    seconds = max(2 * (vision + adapter + language) / (floors["copy_GBps"] * 1e9),
+                  flops / (floors["bf16_matmul_TFLOPs"] * 1e12))
+    return seconds * 1e3

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .families import FAMILIES
 from .harness import RESULTS, ROOT, Record
-from .models import text_step_params
+from .models import prefill_floor_ms, text_step_params
 
 DOC = ROOT / "docs" / "performance.md"
 BLOCK = re.compile(r"<!-- bench:(?P<kind>[\w-]+):start (?P<files>[^>]*?) -->\n(?P<body>.*?)"
@@ -186,9 +186,10 @@ def render_fast(records: list[Record]) -> str:
     language model + LM head, no vision experts, one row of an untied input embedding) plus the KV bytes
     (batch × mean context × bytes per cached token), over the copy bandwidth measured in the same run.
     "graph alone": the captured step replayed back to back (no host work between); "syncs/step": synchronizing
-    CUDA calls per decode step in generate (torch's sync debug mode); both only in records since they exist."""
+    CUDA calls per decode step in generate (torch's sync debug mode); both only in records since they exist.
+    "TTFT floor": ``prefill_floor_ms``, a roofline lower bound of the prefill (weights once, or matmul FLOPs)."""
     header = ["model", "path", "batch", "ms/step", "graph alone ms", "syncs/step", "floor ms/step", "% of floor",
-              "TTFT ms", "first generate s", "peak GiB"]
+              "TTFT ms", "TTFT floor ms", "first generate s", "peak GiB"]
     names = {"dynamic": "plain loop (dynamic cache)", "static": "transformers static + compile",
              "graphs": "**default**: CUDA graph", "compile": "compiled + CUDA graph"}
     rows = []
@@ -202,6 +203,8 @@ def render_fast(records: list[Record]) -> str:
             syncs = r.get("host_syncs_per_step")
             rows.append([FAMILIES[r["family"]].label, names[r["cache"]], r["batch"], _f(r["ms_per_step"], 2),
                          _f(r.get("replay_ms"), 2), "—" if syncs is None else f"{abs(syncs):.1f}", _f(floor, 2), f"{100 * floor / r['ms_per_step']:.0f} %", _f(r["ttft_ms"]),
+                         "—" if FAMILIES[r["family"]].kind == "peer" else
+                         _f(prefill_floor_ms(r["family"], r["prompt_len"], r["batch"], record.data["floors"])),
                          _f(r.get("first_generate_s"), 1), _f(r["peak_GiB"])])
     return _table(header, rows)
 
