@@ -54,7 +54,7 @@ def test_committed_records_are_named_by_their_content():
     for path in paths:
         record = Record.load(path)
         assert record.date and record.torch and record.transformers, path.name
-        assert path.name in {record.file_name(n) for n in range(1, 10)}, path.name
+        assert path.name in {record.file_name(n) for n in range(1, 100)}, path.name
 
 
 def test_every_mode_parses_with_smoke_defaults():
@@ -122,3 +122,31 @@ def test_performance_md_tables_are_generated_from_the_records():
     text = report.DOC.read_text()
     assert len(report.BLOCK.findall(text)) >= 6
     assert report.render_doc(text) == text, "docs/performance.md is out of date: run python -m benchmarks.report"
+
+
+def test_floor_weights_are_those_a_text_token_reads():
+    """The decode floor's parameter count, re-derived by hand for the LLaMA-7B shape (32 layers, hidden 4096, MLP
+    11008, vocab 32000): every layer's attention (4 H²) and SwiGLU (3 H I) weights and two norms, the final norm,
+    the LM head and one row of the untied input embedding. CogVLM's language expert has exactly that shape: its
+    vision experts are not counted."""
+    from benchmarks.models import text_step_params
+
+    hidden, mlp, layers, vocab = 4096, 11008, 32, 32000
+    expected = layers * (4 * hidden**2 + 3 * hidden * mlp + 2 * hidden) + hidden + vocab * hidden + hidden
+    assert text_step_params("peer") == expected
+    assert text_step_params("cogvlm") == expected
+
+
+def test_prefill_floor_is_the_larger_of_bytes_and_flops():
+    from benchmarks.models import _meta_model, prefill_floor_ms
+
+    params = sum(p.numel() for p in _meta_model("minigpt4-7b").parameters())
+    bytes_bound = {"copy_GBps": 1.0, "bf16_matmul_TFLOPs": 1e9}  # reading dominates: 2 bytes per parameter
+    assert prefill_floor_ms("minigpt4-7b", 60, 1, bytes_bound) == pytest.approx(2 * params / 1e9 * 1e3)
+    flops_bound = {"copy_GBps": 1e12, "bf16_matmul_TFLOPs": 1.0}  # compute dominates: grows with batch and length
+    one = prefill_floor_ms("minigpt4-7b", 60, 1, flops_bound)
+    assert prefill_floor_ms("minigpt4-7b", 60, 4, flops_bound) == pytest.approx(4 * one)
+    assert prefill_floor_ms("minigpt4-7b", 120, 1, flops_bound) > one
+    # at least the vision tower's 2 FLOPs per parameter per patch (16 × 16 + 1 at 224 px, patch 14)
+    vision = sum(p.numel() for p in _meta_model("minigpt4-7b").vision_model.parameters())
+    assert one >= 2 * vision * 257 / 1e12 * 1e3
