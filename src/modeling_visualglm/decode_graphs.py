@@ -308,7 +308,7 @@ def decode_loop(model, input_ids, logits_processor, stopping_criteria, generatio
     logits_processor = _applied_once(logits_processor)
 
     outputs = model._prefill(input_ids, config, model_kwargs)
-    first, undo = True, 0
+    first = True
     while True:
         if not first:
             inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
@@ -321,30 +321,13 @@ def decode_loop(model, input_ids, logits_processor, stopping_criteria, generatio
             scores += (next_scores,)
         if raw_logits is not None:
             raw_logits += (logits,)
-        if config.do_sample:
-            next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(next_scores, dim=-1)
-        if has_eos:
-            next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+        next_tokens = _pick(config, next_scores, unfinished if has_eos else None, pad)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
         unfinished = unfinished & ~stopping_criteria(input_ids, scores)
-        if first:  # the first token: checked and streamed now (one sync, as the prefill's end needs anyway)
-            first = False
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
-            if bool(unfinished.max() == 0) or (max_length is not None and input_ids.shape[1] >= max_length):
-                break
-            continue
-        previous = stop.push(unfinished, next_tokens)
-        if previous is not None:
-            stopped, tokens = previous
-            if streamer is not None:
-                streamer.put(tokens)
-            if stopped:  # the previous step finished every row: this step is one too many
-                undo = 1
-                break
-        if max_length is not None and input_ids.shape[1] >= max_length:
+        at_max = max_length is not None and input_ids.shape[1] >= max_length
+        done, undo = _stop_now(stop, first, unfinished, next_tokens, streamer, at_max)
+        first = False
+        if done:
             break
     if undo:
         input_ids = input_ids[:, :-1]
@@ -354,9 +337,40 @@ def decode_loop(model, input_ids, logits_processor, stopping_criteria, generatio
         streamer.put(stop.last_tokens())
     if streamer is not None:
         streamer.end()
-    if not keep:
-        return input_ids
+    return _generate_output(input_ids, scores, raw_logits, model_kwargs) if keep else input_ids
+
+
+def _pick(config, scores: torch.Tensor, unfinished: Optional[torch.Tensor], pad) -> torch.Tensor:
+    """The next token per row (argmax, or a sample when ``do_sample``); rows already finished get ``pad``
+    (``unfinished`` None: no EOS criterion, nothing padded)."""
+    if config.do_sample:
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    else:
+        tokens = torch.argmax(scores, dim=-1)
+    return tokens if unfinished is None else tokens * unfinished + pad * (1 - unfinished)
+
+
+def _stop_now(stop: _DeferredStop, first: bool, unfinished, tokens, streamer, at_max_length: bool):
+    """(stop the loop?, steps to undo) after a step, streaming the tokens known on the host. The first token is
+    checked and streamed at once (one sync, as the prefill's end needs anyway); later steps read the previous
+    step's flag, and a stop read there makes this step one too many."""
+    if first:
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        return bool(unfinished.max() == 0) or at_max_length, 0
+    previous = stop.push(unfinished, tokens)
+    if previous is not None:
+        stopped, host_tokens = previous
+        if streamer is not None:
+            streamer.put(host_tokens)
+        if stopped:
+            return True, 1
+    return at_max_length, 0
+
+
+def _generate_output(sequences, scores, logits, model_kwargs):
+    """``generate``'s ``GenerateDecoderOnlyOutput`` with the cache under the running release's field name."""
     output_class, fields = _output_class_fields()
     cache = next((model_kwargs[name] for name in ("cache", "past_key_values") if name in model_kwargs), None)
     cache_field = "cache" if "cache" in fields else "past_key_values"
-    return output_class(sequences=input_ids, scores=scores, logits=raw_logits, **{cache_field: cache})
+    return output_class(sequences=sequences, scores=scores, logits=logits, **{cache_field: cache})
