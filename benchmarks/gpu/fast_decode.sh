@@ -3,7 +3,8 @@
 # path (CUDA graphs) at batch 1, 8 and 32 and our compiled path at batch 1 for every family, transformers'
 # Llama-7B (eager and static-compiled) as the peer, and torchao's weight-only int4 against bf16 for the LLaMA-based
 # families (needs `pip install torchao`). On a lent machine with a 10-minute limit per call, run it in parts:
-# PART=graphs, PART=compile, PART=peer, PART=int4 (default: all four).
+# PART=graphs, PART=compile, PART=peer, PART=int4 (default: all four), and PART=check: the tiny trained models on the
+# GPU through every decode path against the plain loop (benchmarks/gpu/fast_decode_check.py; not part of "all").
 #   PYTHONPATH=src bash benchmarks/gpu/fast_decode.sh [RESULTS_DIR]
 set -euo pipefail
 results=${1:-benchmarks/results}
@@ -26,4 +27,7 @@ fi
 if [[ $part == all || $part == int4 ]]; then
   python -m benchmarks.bench quant --families "${INT4_FAMILIES:-minigpt4-7b,cogvlm2,minigpt4-13b}" --modes int4 \
     --batches 1 --new-tokens "$tokens" --results "$results"
+fi
+if [[ $part == check ]]; then
+  python -m benchmarks.gpu.fast_decode_check
 fi
