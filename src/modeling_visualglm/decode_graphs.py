@@ -45,8 +45,9 @@ from typing import Optional
 
 import torch
 from transformers.cache_utils import StaticCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .compat import CACHE_ARG, static_cache_counts_on_device
+from .compat import CACHE_ARG, cache_kwargs, generation_cache, static_cache_counts_on_device
 
 MODES = ("auto", "graphs", "compile", "off")
 CACHE_BUCKET = 256
@@ -223,13 +224,15 @@ class _DeferredStop:
     read one step later, while the next step runs. When a flag says stop, the step taken since is undone.
     """
 
-    def __init__(self):
+    def __init__(self, streaming: bool):
+        self.streaming = streaming  # copy each step's tokens too (a streamer gets them one step late)
         self.slots = None  # made at the first push: a one-token generate never needs them
         self.index = 0
         self.pending = None
 
     def push(self, unfinished: torch.Tensor, tokens: torch.Tensor):
-        """Queue this step's flag and tokens; return the previous step's (stop, tokens), or None at the first."""
+        """Queue this step's flag (and tokens, when streaming); return the previous step's (stop, tokens or None),
+        or None at the first."""
         if self.slots is None:
             cuda = tokens.is_cuda
             self.slots = [(torch.zeros((), dtype=torch.bool, pin_memory=cuda),
@@ -238,7 +241,8 @@ class _DeferredStop:
         flag, host_tokens, event = slot = self.slots[self.index]
         self.index ^= 1
         flag.copy_(unfinished.max() == 0, non_blocking=True)
-        host_tokens.copy_(tokens, non_blocking=True)
+        if self.streaming:
+            host_tokens.copy_(tokens, non_blocking=True)
         if event is not None:
             event.record()
         previous, self.pending = self.pending, slot
@@ -246,18 +250,12 @@ class _DeferredStop:
             return None
         if previous[2] is not None:
             previous[2].synchronize()  # the previous step only: this one is queued behind it
-        return bool(previous[0]), previous[1].clone()
+        return bool(previous[0]), previous[1].clone() if self.streaming else None
 
     def last_tokens(self) -> torch.Tensor:
         if self.pending[2] is not None:
             self.pending[2].synchronize()
         return self.pending[1].clone()
-
-
-def _output_class_fields():
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-    return GenerateDecoderOnlyOutput, GenerateDecoderOnlyOutput.__dataclass_fields__
 
 
 def _applied_once(processors):
@@ -279,8 +277,7 @@ def _applied_once(processors):
 def can_loop(model, generation_config, synced_gpus: bool) -> bool:
     """May ``decode_loop`` replace transformers' sampling loop for this call?"""
     return (not synced_gpus and hasattr(model, "_prefill") and not generation_config.output_attentions
-            and not generation_config.output_hidden_states and not model.config.is_encoder_decoder
-            and not getattr(generation_config, "is_assistant", False))
+            and not generation_config.output_hidden_states and not getattr(generation_config, "is_assistant", False))
 
 
 def decode_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
@@ -304,7 +301,7 @@ def decode_loop(model, input_ids, logits_processor, stopping_criteria, generatio
     raw_logits = () if keep and config.output_logits else None
     max_length = stopping_criteria.max_length
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    stop = _DeferredStop()
+    stop = _DeferredStop(streaming=streamer is not None)
     logits_processor = _applied_once(logits_processor)
 
     outputs = model._prefill(input_ids, config, model_kwargs)
@@ -369,8 +366,6 @@ def _stop_now(stop: _DeferredStop, first: bool, unfinished, tokens, streamer, at
 
 
 def _generate_output(sequences, scores, logits, model_kwargs):
-    """``generate``'s ``GenerateDecoderOnlyOutput`` with the cache under the running release's field name."""
-    output_class, fields = _output_class_fields()
-    cache = next((model_kwargs[name] for name in ("cache", "past_key_values") if name in model_kwargs), None)
-    cache_field = "cache" if "cache" in fields else "past_key_values"
-    return output_class(sequences=sequences, scores=scores, logits=logits, **{cache_field: cache})
+    """``generate``'s ``GenerateDecoderOnlyOutput``, the cache under the running release's field name."""
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits,
+                                     **cache_kwargs(generation_cache(model_kwargs)))
