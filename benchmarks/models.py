@@ -174,16 +174,16 @@ def host_syncs(model, inputs: dict, new_tokens: int, device: torch.device, **ext
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def graph_replay_ms(model, device: torch.device, replays: int = 24) -> float | None:
-    """The captured decode step's own time: ``replays`` back-to-back replays of the graph the last generate kept
-    (decode_graphs.py), no host work between them, three times; None where no graph was captured. The cache's
-    lengths are moved back first so the replays rewrite positions already used (the last generate must have made
-    at least 3 × ``replays`` tokens), then restored."""
+def graph_replay_ms(model, device: torch.device, new_tokens: int, replays: int = 24) -> float | None:
+    """The captured decode step's own time: ``replays`` back-to-back replays of the graph the last generate (of
+    ``new_tokens`` tokens) kept (decode_graphs.py), no host work between them, three times; None where no graph was
+    captured or that generate made too few tokens. The cache's lengths are moved back first so that the replays
+    rewrite positions already used (past its end they would fail on the device), then restored."""
     decoder = getattr(model, "_fast_decoder", None)
     graph = decoder.current if decoder is not None else None
-    if device.type != "cuda" or graph is None or graph.graph is None:
-        return None
     repeat = 3
+    if device.type != "cuda" or graph is None or graph.graph is None or new_tokens <= replays * repeat:
+        return None
     lengths = graph._lengths()  # every replay moves them on by one: back by all the replays to come
     graph._restore([length - replays * repeat for length in lengths])
     try:

@@ -202,7 +202,8 @@ def render_fast(records: list[Record]) -> str:
             floor = nbytes / (record.data["floors"]["copy_GBps"] * 1e9) * 1e3
             syncs = r.get("host_syncs_per_step")
             rows.append([FAMILIES[r["family"]].label, names[r["cache"]], r["batch"], _f(r["ms_per_step"], 2),
-                         _f(r.get("replay_ms"), 2), "—" if syncs is None else f"{abs(syncs):.1f}", _f(floor, 2), f"{100 * floor / r['ms_per_step']:.0f} %", _f(r["ttft_ms"]),
+                         _f(r.get("replay_ms"), 2), "—" if syncs is None else f"{abs(syncs):.1f}", _f(floor, 2),
+                         f"{100 * floor / r['ms_per_step']:.0f} %", _f(r["ttft_ms"]),
                          "—" if FAMILIES[r["family"]].kind == "peer" else
                          _f(prefill_floor_ms(r["family"], r["prompt_len"], r["batch"], record.data["floors"])),
                          _f(r.get("first_generate_s"), 1), _f(r["peak_GiB"])])

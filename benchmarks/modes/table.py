@@ -94,7 +94,7 @@ def bench_family(name, args, device) -> tuple[dict, list[dict]]:
                    **timing, "peak_GiB": peak_memory_gib(device)}
             if "fast_decode" in extra and device.type == "cuda":
                 # where a step's time goes: the captured step alone, and the host syncs per decode step
-                row["replay_ms"] = graph_replay_ms(built.model, device)
+                row["replay_ms"] = graph_replay_ms(built.model, device, args.new_tokens)
                 lengths = sync_lengths(batch_in["input_ids"].shape[1], args.new_tokens)
                 if lengths is not None:
                     syncs = [host_syncs(built.model, batch_in, n, device, **extra) for n in lengths]
