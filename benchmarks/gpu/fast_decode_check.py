@@ -1,5 +1,6 @@
 """GPU check of the fast decode path on the tiny trained models (fp32): graphs and compile give the plain
-generate()'s tokens, and capturing raises nothing (a host sync inside the step would); answers that end on EOS at
+generate()'s tokens, and capturing raises nothing (a host sync inside the step would); the prefill is replayed from
+its graph (prefill_graphs.py), also for a shorter prompt in the same bucket; answers that end on EOS at
 different steps in a ragged batch, and a streamer, through the stop check read one step late (pinned copies and
 CUDA events, decode_graphs.decode_loop), give the plain loop's tokens. Run on a GPU machine:
 
@@ -30,13 +31,28 @@ def main():
             torch.cuda.synchronize()
             out.setdefault(mode, seq)
             graph = model._fast_decoder.current if model._fast_decoder else None
+            prefill = graph.prefill if graph is not None else None
             print(family, mode, f"{time.perf_counter() - t0:.2f}s", "captures", graph and graph.captures,
                   "replayed" if graph is not None and graph.graph is not None else "-",
+                  "prefill graph" if prefill is not None and prefill.graph is not None else "eager prefill",
                   "same" if torch.equal(seq, out["off"]) else f"DIFFERENT {seq[0, ids.shape[1]:].tolist()}",
                   flush=True)
         answer, _ = model.chat(tok, image, "What colour is the shape?", do_sample=False)
         print(family, "chat (auto):", answer, flush=True)
+        other_length(family, model, tok, image, ids.shape[1])
         early_stops(family, model, tok)
+
+
+def other_length(family, model, tok, image, first_length):
+    """A shorter prompt in the same bucket replays the prefill graph captured for the first one."""
+    ids, pv, kw = model._chat_inputs(tok, image, "What colour?", [], {"do_sample": False})
+    kw = {k: v for k, v in kw.items() if k in ("eos_token_id", "pad_token_id")}
+    out = {mode: model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=16, min_new_tokens=16,
+                                do_sample=False, fast_decode=mode, **kw) for mode in ("graphs", "off")}
+    graph = model._fast_decoder.current
+    print(family, f"prompt of {ids.shape[1]} tokens after {first_length}:",
+          "same" if torch.equal(out["graphs"], out["off"]) else "DIFFERENT",
+          "prefill captures", graph.prefill.captures if graph.prefill else None, flush=True)
 
 
 class Collect(BaseStreamer):

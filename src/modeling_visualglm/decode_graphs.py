@@ -48,6 +48,7 @@ from transformers.cache_utils import StaticCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compat import CACHE_ARG, cache_kwargs, generation_cache, static_cache_counts_on_device
+from .prefill_graphs import PrefillGraph
 
 MODES = ("auto", "graphs", "compile", "off")
 CACHE_BUCKET = 256
@@ -112,9 +113,12 @@ class DecodeGraph:
         self.step_fn = None
         self.capturing = False
         self.captures = 0  # how often a step was captured (tests and benchmarks read it)
+        self.prefill: Optional[PrefillGraph] = None  # the prompt's graph (prefill_graphs.py), made on first use
+        self.prefilled = False  # has this session's prefill run?
 
     def reset(self):
         self.cache.reset()
+        self.prefilled = False
 
     def takes(self, input_ids, cache, pixel_values) -> bool:
         """Is this forward call a decode step to replay (one new token per row, this graph's cache)?"""
@@ -153,6 +157,7 @@ class DecodeGraph:
 
     def _capture(self, model, tensors, others):
         self.inputs = {k: v.clone() for k, v in tensors.items()}
+        self.others = others  # the step's other arguments (benchmarks/gpu/step_profile.py reruns the step eagerly)
         self.step_fn = model.forward
         if self.mode == "compile":
             self.step_fn = torch.compile(model.forward, mode="max-autotune-no-cudagraphs", fullgraph=True,
@@ -210,6 +215,19 @@ class FastDecoder:
     def takes(self, input_ids, cache, pixel_values) -> Optional[DecodeGraph]:
         graph = self.active
         return graph if graph is not None and graph.takes(input_ids, cache, pixel_values) else None
+
+    def prefill(self, model, call: dict):
+        """The output of the session's prefill from its graph (prefill_graphs.py), or None: not this session's
+        prefill, or one the graph does not take (it then runs eagerly)."""
+        graph = self.active
+        if graph is None or graph.prefilled or call.get("cache") is not graph.cache:
+            return None
+        graph.prefilled = True
+        if not PrefillGraph.takes(model, call, graph.key[1]):
+            return None
+        if graph.prefill is None:
+            graph.prefill = PrefillGraph(graph.cache)
+        return graph.prefill.run(model, call, graph.key[1])
 
 
 # --- the decode loop -------------------------------------------------------------------------------------------

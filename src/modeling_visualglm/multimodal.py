@@ -171,11 +171,16 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         loss over ``labels``. ``position_ids`` and the family's own arguments: see its ``_language_model_inputs``."""
         self._check_input_kinds(input_ids, inputs_embeds, pixel_values)
         cache = pick_cache(cache, past_key_values)  # `past_key_values` is the name before transformers 5.24
-        graph = self._fast_decoder.takes(input_ids, cache, pixel_values) if self._fast_decoder else None
-        if graph is not None and labels is None and not output_hidden_states:  # a decode step: replay it
-            return graph.step(self, dict(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=position_ids, use_cache=use_cache,
-                                         logits_to_keep=logits_to_keep, **kwargs))
+        fast = self._fast_decoder if labels is None and not output_hidden_states else None
+        if fast is not None and fast.active is not None:  # inside a fast-decode generate: graphs (decode_graphs.py)
+            call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            graph = fast.takes(input_ids, cache, pixel_values)
+            if graph is not None:  # a decode step
+                return graph.step(self, call)
+            output = fast.prefill(self, dict(call, pixel_values=pixel_values, cache=cache))
+            if output is not None:
+                return output
         image_mask = image_features = None
         if input_ids is not None:
             image_mask = input_ids == self.config.image_token_id  # (B, T)
