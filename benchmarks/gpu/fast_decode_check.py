@@ -16,7 +16,29 @@ from modeling_visualglm.tools import shapes
 from modeling_visualglm.tools.tiny_models import TRAINED_FAMILIES, load_trained
 
 
+def kernels():
+    """On CUDA in bf16: the fused rms_norm in CogVLM's order, single-query attention against SDPA (max abs diff)."""
+    from modeling_visualglm.attention import single_query_attention
+    from modeling_visualglm.llama import LlamaExpertRMSNorm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    norm = LlamaExpertRMSNorm(4096).cuda().bfloat16()
+    x = torch.randn(1, 3, 4096, device="cuda", generator=gen).bfloat16()
+    h = x.float()
+    manual = (norm.weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))).bfloat16()
+    print("rms_norm bf16 fused vs CogVLM order: max diff", (norm(x).float() - manual.float()).abs().max().item(),
+          "equal", torch.equal(norm(x), manual), flush=True)
+    q = torch.randn(1, 32, 1, 128, device="cuda", generator=gen).bfloat16()
+    k, v = (torch.randn(1, 8, 2560, 128, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    mask = torch.arange(2560, device="cuda")[None, None, None] < 2400
+    module = type("M", (), {"training": False, "config": type("C", (), {"_attn_implementation": "sdpa"})})()
+    out = single_query_attention(module, q, k, v, mask, 128 ** -0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True).transpose(1, 2)
+    print("single-query attention bf16 vs SDPA: max diff", (out.float() - ref.float()).abs().max().item(), flush=True)
+
+
 def main():
+    kernels()
     for family in TRAINED_FAMILIES:
         model, tok = load_trained(family)
         model = model.cuda().eval()

@@ -15,6 +15,8 @@ Prints tables; writes nothing. Run on a GPU machine:
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import sys
 import time
 
@@ -38,6 +40,26 @@ def kernel_table(prof, runs: int, limit: int = 22) -> float:
         print(f"  {ms:8.4f} ms {calls:7.1f}x  {name[:110]}")
     print(f"  total device {total:.3f} ms per run, {sum(r[1] for r in rows):.0f} kernels per run", flush=True)
     return total
+
+
+def ttft_host(model, inputs, device, runs: int = 5) -> None:
+    """Where a one-token generate's (time to first token's) wall time goes on the host: cProfile over ``runs``."""
+    generate(model, inputs, 1, fast_decode="graphs")
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        generate(model, inputs, 1, fast_decode="graphs")
+    synchronize(device)
+    print(f"-- one-token generate: {(time.perf_counter() - t0) / runs * 1e3:.2f} ms (unprofiled)")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(runs):
+        generate(model, inputs, 1, fast_decode="graphs")
+    synchronize(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    stats.sort_stats("tottime").print_stats(18)
+    stats.sort_stats("cumulative").print_stats(30)
 
 
 @torch.no_grad()
@@ -66,12 +88,14 @@ def profile_case(name: str, mode: str, device, tiny: bool = False) -> None:
     print(f"-- the step's kernels (eager run of the captured function, {runs} runs):")
     kernel_table(prof, runs)
     steps = 48
-    generate(model, inputs, steps, fast_decode=mode)
-    synchronize(device)
-    t0 = time.perf_counter()
-    generate(model, inputs, steps, fast_decode=mode)
-    synchronize(device)
-    wall = (time.perf_counter() - t0) / steps * 1e3
+    wall = {}
+    for n in (1, steps, 1, steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        generate(model, inputs, n, fast_decode=mode)
+        synchronize(device)
+        wall[n] = time.perf_counter() - t0
+    wall = (wall[steps] - wall[1]) / (steps - 1) * 1e3  # the decode steps alone
     with profile(activities=activities) as prof:
         generate(model, inputs, steps, fast_decode=mode)
         synchronize(device)
@@ -82,6 +106,8 @@ def profile_case(name: str, mode: str, device, tiny: bool = False) -> None:
           f"{counts.get('cudaMemcpyAsync', 0) / steps:.1f}")
     busy = kernel_table(prof, steps, limit=30)
     print(f"  busy {busy:.3f} of {wall:.3f} ms per step ({100 * busy / wall:.0f} %)", flush=True)
+    if mode == "graphs":
+        ttft_host(model, inputs, device)
     del model, built, graph
     empty_cache(device)
 

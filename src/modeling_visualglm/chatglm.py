@@ -35,7 +35,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import (
-    DecoderPreTrainedModel, DenseMLP, DispatchedAttention, RotaryEmbedding, apply_rotary, rotary_inv_freq,
+    DecoderPreTrainedModel, DenseMLP, DispatchedAttention, RotaryEmbedding, fold_sign, rotary_inv_freq, rotate_blocks,
 )
 from .compat import kv_length
 from .configuration_blocks import ChatGLMConfig
@@ -173,17 +173,13 @@ class ChatGLMRotaryEmbedding(RotaryEmbedding):
         freqs = self.angles(position_ids)  # (B, 2, T, hd/4)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, 2, T, hd/2)
         emb = torch.cat((emb[:, 0], emb[:, 1]), dim=-1)[:, None]  # (B, 1, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos().to(dtype), fold_sign(emb.sin().to(dtype), blocks=2)  # for apply_2d_rotary
 
 
-def apply_2d_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GLM's 2D RoPE on x (B, nh, T, hd): each half of a head rotates with its half of the (B, 1, T, hd) tables."""
-    half = x.shape[-1] // 2
-    return torch.cat(
-        (apply_rotary(x[..., :half], cos[..., :half], sin[..., :half]),
-         apply_rotary(x[..., half:], cos[..., half:], sin[..., half:])),
-        dim=-1,
-    )
+def apply_2d_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """GLM's 2D RoPE on x (B, nh, T, hd): each half of a head rotates (``apply_rotary``) with its half of the
+    (B, 1, T, hd) tables; the sin table comes sign-folded (``fold_sign(sin, blocks=2)``, see ``rotate_blocks``)."""
+    return rotate_blocks(x, cos, signed_sin, blocks=2)
 
 
 class ChatGLMAttention(DispatchedAttention):

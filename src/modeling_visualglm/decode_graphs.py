@@ -28,9 +28,9 @@ Modes (``model.fast_decode`` or ``generate(..., fast_decode=...)``):
 
 - ``"auto"`` (default): ``"graphs"`` on CUDA, off elsewhere.
 - ``"graphs"``: as above. On the CPU the same static-buffer machinery runs without the graph (for tests).
-- ``"compile"``: the step is compiled by ``torch.compile`` (inductor, no cudagraph trees) before it is captured:
-  fused norms, rotary and epilogues; minutes of compiling on the first call of a process, cached by inductor
-  on disk for the next process.
+- ``"compile"``: the step is compiled by ``torch.compile`` (inductor, ``COMPILE_OPTIONS``) before it is captured:
+  fused norms, rotary and epilogues around cuBLAS's products; a minute or more of compiling on the first call of a
+  process, cached by inductor on disk for the next process.
 - ``"off"``: ``generate`` unchanged.
 
 Only one cache + graph is kept per model (its KV memory is what a static cache needs anyway); ``release()``
@@ -52,6 +52,10 @@ from .prefill_graphs import PrefillGraph
 
 MODES = ("auto", "graphs", "compile", "off")
 CACHE_BUCKET = 256
+# inductor for the "compile" mode: autotuned fused kernels around cuBLAS's matrix products (a decode step's products
+# are matrix-vector: cuBLAS reads the weights at ~97 % of the copy bandwidth on an H200, inductor's Triton templates
+# at ~70 % in the same step, docs/performance.md); no cudagraph trees (the step is captured here)
+COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN", "triton.cudagraphs": False}
 # generate() options under which the plain loop is kept (beam search, assisted decoding, outputs per layer)
 _UNSUPPORTED = ("assistant_model", "prompt_lookup_num_tokens", "output_attentions", "output_hidden_states",
                 "inputs_embeds", "custom_generate", "synced_gpus")
@@ -89,7 +93,7 @@ def plan(model, mode: Optional[str], args: tuple, kwargs: dict) -> Optional[int]
         return None
     if (_generation_value("num_beams", kwargs, config) or 1) != 1:
         return None
-    if len({str(p.device) for p in model.parameters()}) != 1 or getattr(model, "hf_quantizer", None) is not None:
+    if not _one_device(model) or getattr(model, "hf_quantizer", None) is not None:
         return None
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
@@ -97,6 +101,15 @@ def plan(model, mode: Optional[str], args: tuple, kwargs: dict) -> Optional[int]
     max_new = _generation_value("max_new_tokens", kwargs, config)
     total = input_ids.shape[1] + max_new if max_new is not None else _generation_value("max_length", kwargs, config)
     return bucketed(max(int(total), input_ids.shape[1] + 1))
+
+
+def _one_device(model) -> bool:
+    """Does the model live on one device? A ``device_map`` over several devices says so in ``hf_device_map``;
+    otherwise the first parameter and the LM head tell (walking all ~1,000 parameters costs ~1 ms a call)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if len({str(d) for d in device_map.values()}) > 1:
+        return False
+    return next(model.parameters()).device == model.get_output_embeddings().weight.device
 
 
 class DecodeGraph:
@@ -160,8 +173,7 @@ class DecodeGraph:
         self.others = others  # the step's other arguments (benchmarks/gpu/step_profile.py reruns the step eagerly)
         self.step_fn = model.forward
         if self.mode == "compile":
-            self.step_fn = torch.compile(model.forward, mode="max-autotune-no-cudagraphs", fullgraph=True,
-                                         dynamic=False)
+            self.step_fn = torch.compile(model.forward, options=COMPILE_OPTIONS, fullgraph=True, dynamic=False)
         self.graph = None
         self.captures += 1
         if not self.inputs[next(iter(self.inputs))].is_cuda:

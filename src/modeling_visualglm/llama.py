@@ -43,8 +43,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import (
-    DecoderPreTrainedModel, DispatchedAttention, RotaryEmbedding, apply_rotary, eager_attention_forward,
-    grouped_single_query, rotary_inv_freq,
+    DecoderPreTrainedModel, DispatchedAttention, RotaryEmbedding, eager_attention_forward, fold_sign,
+    grouped_single_query, rotary_inv_freq, rotate_blocks, single_query_attention,
 )
 from .compat import ALL_ATTENTION_FUNCTIONS, causal_mask
 from .configuration_blocks import LlamaExpertConfig
@@ -115,7 +115,8 @@ def route(
 
 
 class LlamaExpertRMSNorm(nn.Module):
-    """RMSNorm in CogVLM's order: normalize in fp32, multiply by the weight in fp32, then cast.
+    """RMSNorm in CogVLM's order: normalize in fp32, multiply by the weight in fp32, then cast (one fused kernel on
+    CUDA where input and weight share a dtype: ``torch.nn.functional.rms_norm`` computes in that order).
 
     transformers' LlamaRMSNorm casts before multiplying; in bf16/fp16 that changes the logits (found by
     transformers PR #28196), in fp32 the two are identical.
@@ -128,6 +129,8 @@ class LlamaExpertRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
+        if self.weight.dtype == input_dtype:  # torch's rms_norm computes in this order (fp32), fused on CUDA
+            return nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
@@ -148,7 +151,7 @@ class LlamaExpertRotaryEmbedding(RotaryEmbedding):
     def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype):
         freqs = self.angles(position_ids)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos().to(dtype), fold_sign(emb.sin().to(dtype))  # for rotate_blocks
 
 
 class LlamaExpertMLP(nn.Module):
@@ -220,8 +223,8 @@ class LlamaExpertAttention(DispatchedAttention):
         query = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         key = key.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        cos, sin = position_embeddings  # (B, 1, T, hd)
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        cos, signed_sin = position_embeddings  # (B, 1, T, hd)
+        query, key = rotate_blocks(query, cos, signed_sin), rotate_blocks(key, cos, signed_sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, **(cache_update or {}))  # see compat.py
         # The kernel lookup and its one call stay in this forward (not in the base class's `attend`): vLLM's
@@ -229,9 +232,11 @@ class LlamaExpertAttention(DispatchedAttention):
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        # a decode step of grouped-query attention (CogVLM2): each key/value head with its group of query heads
-        grouped = grouped_single_query(self, attention_interface, query, key, value, attention_mask,
-                                       dropout=0.0, scaling=self.scaling, **kwargs)
+        # a decode step over a long cache: two matrix products; one of grouped-query attention (CogVLM2): each
+        # key/value head with its group of query heads
+        direct = single_query_attention(self, query, key, value, attention_mask, self.scaling)
+        grouped = (direct, None) if direct is not None else grouped_single_query(
+            self, attention_interface, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         if grouped is not None:
             attn_output, attn_weights = grouped
         else:
