@@ -129,7 +129,9 @@ class LlamaExpertRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        if self.weight.dtype == input_dtype:  # torch's rms_norm computes in this order (fp32), fused on CUDA
+        # torch's rms_norm computes in this order (fp32), fused on CUDA; under torch.compile the formula below, which
+        # inductor fuses with its neighbours (the fused kernel would stay a separate call)
+        if self.weight.dtype == input_dtype and not torch.compiler.is_compiling():
             return nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
