@@ -53,6 +53,7 @@ from .attention import eager_attention_forward  # noqa: F401
 from .chat_utils import check_history  # noqa: F401
 from .configuration_blocks import LlamaExpertConfig  # noqa: F401
 from .decode_graphs import FastDecoder  # noqa: F401
+from .prefill_graphs import PrefillGraph  # noqa: F401
 from .image_processing_visualglm import VisualGLMImageProcessor  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------

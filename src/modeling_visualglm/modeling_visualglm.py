@@ -36,6 +36,7 @@ from .attention import eager_attention_forward  # noqa: F401
 from .compat import CACHE_ARG  # noqa: F401
 from .configuration_blocks import ChatGLMConfig  # noqa: F401
 from .decode_graphs import FastDecoder  # noqa: F401
+from .prefill_graphs import PrefillGraph  # noqa: F401
 
 
 VisualGLMCausalLMOutputWithPast = MultimodalCausalLMOutputWithPast
