@@ -54,8 +54,8 @@ MODES = ("auto", "graphs", "compile", "off")
 CACHE_BUCKET = 256
 # inductor for the "compile" mode: autotuned fused kernels around cuBLAS's matrix products, no cudagraph trees (the
 # step is captured here). Measured on an H200 (docs/performance.md): a decode step's products are matrix-vector, and
-# the Triton templates the autotuner picks on its own isolated timings read the weights at ~70 % of the bandwidth
-# inside the step, where cuBLAS reads them at ~97 %; cuBLAS alone also compiles in a quarter of the time.
+# the Triton templates the autotuner picked for VisualGLM's layers read their weights at ~74 % of the bandwidth
+# inside the step, where cuBLAS reads them at ~94 %; cuBLAS alone also compiles in a quarter to half the time.
 COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN", "triton.cudagraphs": False}
 # generate() options under which the plain loop is kept (beam search, assisted decoding, outputs per layer)
 _UNSUPPORTED = ("assistant_model", "prompt_lookup_num_tokens", "output_attentions", "output_hidden_states",
