@@ -11,7 +11,8 @@ How it fits into ``generate`` (``MultimodalForConditionalGeneration.generate`` d
    ``CACHE_BUCKET`` so that later calls of similar length reuse it (and its graph). transformers 5.x counts a static
    cache's length in a device tensor that ``update`` bumps in place, so a replayed step writes its key/value at the
    right position without Python knowing it.
-2. The prefill runs eagerly (its shapes change with every prompt; the images are encoded there).
+2. The prefill (the images are encoded there) is replayed from its own graph, the prompt padded to a length bucket
+   (``prefill_graphs.py``); large, compute-bound prefills run eagerly.
 3. The first decode step warms the step up on a side stream, puts the cache length back, and captures it. Each step
    then copies its inputs (ids, positions, the static-shape mask, ...) into the graph's buffers and replays it.
    The inputs' names, shapes and dtypes and the other arguments form the graph's signature; a step with a different
@@ -125,6 +126,7 @@ class DecodeGraph:
         self.output = None
         self.graph = None
         self.step_fn = None
+        self.others = None  # the captured step's non-tensor arguments
         self.capturing = False
         self.captures = 0  # how often a step was captured (tests and benchmarks read it)
         self.prefill: Optional[PrefillGraph] = None  # the prompt's graph (prefill_graphs.py), made on first use
@@ -171,7 +173,7 @@ class DecodeGraph:
 
     def _capture(self, model, tensors, others):
         self.inputs = {k: v.clone() for k, v in tensors.items()}
-        self.others = others  # the step's other arguments (benchmarks/gpu/step_profile.py reruns the step eagerly)
+        self.others = others  # (benchmarks/gpu/step_profile.py reruns the step eagerly with them)
         self.step_fn = model.forward
         if self.mode == "compile":
             self.step_fn = torch.compile(model.forward, options=COMPILE_OPTIONS, fullgraph=True, dynamic=False)

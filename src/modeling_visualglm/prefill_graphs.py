@@ -105,11 +105,12 @@ class PrefillGraph:
         launch-bound)?"""
         input_ids, mask = call.get("input_ids"), call.get("attention_mask")
         pixels = call.get("pixel_values")
-        if set(k for k, v in call.items() if v is not None) - _TAKEN or call.get("logits_to_keep") != 1:
+        if (set(k for k, v in call.items() if v is not None) - _TAKEN or call.get("logits_to_keep") != 1
+                or call.get("use_cache") is False or call.get("position_ids") is None):
             return False
         if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] < 2:
             return False
-        if (mask is not None and (mask.ndim != 2 or mask.shape[1] != max_cache_len)) or call.get("position_ids") is None:
+        if mask is not None and (mask.ndim != 2 or mask.shape[1] != max_cache_len):
             return False
         if input_ids.numel() > PREFILL_GRAPH_TOKENS:
             return False
@@ -134,12 +135,11 @@ class PrefillGraph:
                    "length": torch.full((), length, device=ids.device),
                    **{k: v for k, v in optional.items() if v is not None},
                    **{"lm." + k: v for k, v in lm_tensors.items()}}
-        signature = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors.items()), lm_static,
-                     bool(call.get("use_cache", True)))
+        signature = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors.items()), lm_static)
         self.last_padded_length = padded
         if signature != self.signature:
             self.signature = None
-            self._capture(model, tensors, lm_inputs, call)
+            self._capture(model, tensors, lm_inputs)
             self.signature = signature
         for name, value in tensors.items():
             self.inputs[name].copy_(value, non_blocking=True)
@@ -158,17 +158,16 @@ class PrefillGraph:
         embeds, features = model.embed_with_images(inputs["input_ids"], inputs["image_mask"],
                                                    inputs.get("pixel_values"))
         outputs = model.language_model(inputs_embeds=embeds, attention_mask=inputs.get("attention_mask"),
-                                       cache=self.cache, use_cache=self.use_cache, **lm_inputs)
+                                       cache=self.cache, use_cache=True, **lm_inputs)
         result = model.lm_output(outputs, None, inputs["image_mask"], features, inputs["index"])
         for layer in self.cache.layers:  # the padding's keys/values stay behind the prompt, to be overwritten
             layer.cumulative_length.copy_(inputs["length"])
         return result
 
-    def _capture(self, model, tensors: dict, lm_inputs: dict, call: dict):
+    def _capture(self, model, tensors: dict, lm_inputs: dict):
         self.graph = self.output = None  # free the last graph's pool first
         self.inputs = {k: v.clone() for k, v in tensors.items()}
-        self.static = lm_inputs
-        self.use_cache = bool(call.get("use_cache", True))
+        self.static = lm_inputs  # its non-tensor values (the signature's); its tensors come from self.inputs
         self.captures += 1
         if not self.inputs["input_ids"].is_cuda:
             return
