@@ -204,10 +204,11 @@ class ChatGLMAttention(DispatchedAttention):
         """``kwargs``: ``cache``, ``cache_update`` (see ``attend_cached``) and the kernel's."""
         input_shape = hidden_states.shape[:-1]
         # interleaved per head, so -1 heads also works on a tensor-parallel shard of whole heads
-        qkv = self.query_key_value(hidden_states).view(*input_shape, -1, 3 * self.head_dim)  # (B, T, nh, 3hd)
-        query, key, value = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, nh, T, hd) each
-        cos, sin = position_embeddings  # (B, 1, T, hd)
-        query, key = apply_2d_rotary(query, cos, sin), apply_2d_rotary(key, cos, sin)
+        qkv = self.query_key_value(hidden_states).view(*input_shape, -1, 3, self.head_dim)  # (B, T, nh, 3, hd)
+        cos, signed_sin = (table.transpose(1, 2)[:, :, :, None] for table in position_embeddings)  # (B, T, 1, 1, hd)
+        query_key = apply_2d_rotary(qkv[..., :2, :], cos, signed_sin)  # query and key together: (B, T, nh, 2, hd)
+        query, key = (query_key[..., i, :].transpose(1, 2) for i in range(2))  # (B, nh, T, hd) each
+        value = qkv[..., 2, :].transpose(1, 2)
         attn_output, attn_weights = self.attend_cached(query, key, value, attention_mask, **kwargs)
         return self.dense(attn_output), attn_weights
 

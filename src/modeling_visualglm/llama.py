@@ -221,12 +221,15 @@ class LlamaExpertAttention(DispatchedAttention):
         qkv = route(
             hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value, routing
         )  # (B, T, (nh + 2 nkv) hd)
-        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        query = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        key = key.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        query_key, value = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         cos, signed_sin = position_embeddings  # (B, 1, T, hd)
-        query, key = rotate_blocks(query, cos, signed_sin), rotate_blocks(key, cos, signed_sin)
+        # query and key heads rotate together: one set of rotary kernels per layer
+        query_key = rotate_blocks(query_key.view(*input_shape, -1, self.head_dim), cos.transpose(1, 2),
+                                  signed_sin.transpose(1, 2))  # (B, T, nh + nkv, hd)
+        num_heads = self.q_size // self.head_dim
+        query = query_key[:, :, :num_heads].transpose(1, 2)  # (B, nh, T, hd)
+        key = query_key[:, :, num_heads:].transpose(1, 2)  # (B, nkv, T, hd)
+        value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, **(cache_update or {}))  # see compat.py
         # The kernel lookup and its one call stay in this forward (not in the base class's `attend`): vLLM's
