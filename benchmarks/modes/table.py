@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from modeling_visualglm import decode_graphs
 from modeling_visualglm.decode_graphs import CACHE_BUCKET, bucketed
 
 from ..harness import empty_cache, floors, memory_allocated_gib, peak_memory_gib, reset_peak_memory, synchronize
@@ -30,6 +31,9 @@ def add_arguments(ap):
     ap.add_argument("--compile-batches", help="batch sizes of the compile path (default: all; it compiles per size)")
     ap.add_argument("--repeat", type=int, help="timed full generates per row")
     ap.add_argument("--ttft-repeat", type=int, help="timed one-token generates per row")
+    ap.add_argument("--compile-gemm-backends", default=None,
+                    help="inductor's matrix-product backends for the compile path (default: decode_graphs."
+                    "COMPILE_OPTIONS's, cuBLAS alone: ATEN; e.g. ATEN,TRITON lets the autotuner pick Triton templates)")
     ap.add_argument("--floor-copy-bytes", type=int)
     ap.add_argument("--floor-matmul-n", type=int)
 
@@ -114,6 +118,9 @@ def bench_family(name, args, device) -> tuple[dict, list[dict]]:
 
 def run(args, device, record, save):
     record.data.update(settings={k: getattr(args, k) for k in DEFAULTS}, families=[], rows=[])
+    if args.compile_gemm_backends:  # an A/B of the compile path's products, recorded with the run
+        decode_graphs.COMPILE_OPTIONS["max_autotune_gemm_backends"] = args.compile_gemm_backends
+    record.data["settings"]["compile_options"] = dict(decode_graphs.COMPILE_OPTIONS)
     record.data["floors"] = floors(device, copy_bytes=args.floor_copy_bytes, matmul_n=args.floor_matmul_n)
     print(record.data["floors"], flush=True)
     save()
