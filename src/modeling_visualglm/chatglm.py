@@ -177,8 +177,9 @@ class ChatGLMRotaryEmbedding(RotaryEmbedding):
 
 
 def apply_2d_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """GLM's 2D RoPE on x (B, nh, T, hd): each half of a head rotates (``apply_rotary``) with its half of the
-    (B, 1, T, hd) tables; the sin table comes sign-folded (``fold_sign(sin, blocks=2)``, see ``rotate_blocks``)."""
+    """GLM's 2D RoPE on x (..., hd) (the attention passes query and key heads together, (B, T, nh, 2, hd), with
+    (B, T, 1, 1, hd) tables): each half of a head rotates (``apply_rotary``) with its half of the tables; the sin
+    table comes sign-folded (``fold_sign(sin, blocks=2)``, see ``rotate_blocks``)."""
     return rotate_blocks(x, cos, signed_sin, blocks=2)
 
 
