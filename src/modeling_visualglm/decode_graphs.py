@@ -50,6 +50,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compat import CACHE_ARG, cache_kwargs, generation_cache, static_cache_counts_on_device
 from .prefill_graphs import PrefillGraph
+from .static_graphs import StaticGraph
 
 MODES = ("auto", "graphs", "compile", "off")
 CACHE_BUCKET = 256
@@ -114,21 +115,17 @@ def _one_device(model) -> bool:
     return next(model.parameters()).device == model.get_output_embeddings().weight.device
 
 
-class DecodeGraph:
+class DecodeGraph(StaticGraph):
     """One static cache and the captured decode step that writes into it."""
 
     def __init__(self, model, batch_size: int, max_cache_len: int, mode: str):
+        super().__init__()
         self.mode = mode
         self.key = (batch_size, max_cache_len, mode)
         self.cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
-        self.signature = None
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.output = None
-        self.graph = None
         self.step_fn = None
         self.others = None  # the captured step's non-tensor arguments
         self.capturing = False
-        self.captures = 0  # how often a step was captured (tests and benchmarks read it)
         self.prefill: Optional[PrefillGraph] = None  # the prompt's graph (prefill_graphs.py), made on first use
         self.prefilled = False  # has this session's prefill run?
 
@@ -146,15 +143,7 @@ class DecodeGraph:
         others = {k: v for k, v in call.items() if not isinstance(v, torch.Tensor)}
         signature = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(tensors.items())),
                      repr(sorted(others.items())))
-        if signature != self.signature:
-            self._capture(model, tensors, others)
-            self.signature = signature
-        for name, value in tensors.items():
-            self.inputs[name].copy_(value, non_blocking=True)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.output
-        return self._run(others)  # the CPU: the same buffers, no graph
+        return self.replay(tensors, signature, lambda: self._capture(model, others), lambda: self._run(others))
 
     # --- capture ---------------------------------------------------------------------------------------------
     def _run(self, others):
@@ -171,32 +160,17 @@ class DecodeGraph:
         for layer, length in zip(self.cache.layers, lengths):
             layer.cumulative_length.copy_(length)
 
-    def _capture(self, model, tensors, others):
-        self.inputs = {k: v.clone() for k, v in tensors.items()}
+    def _capture(self, model, others):
         self.others = others  # (benchmarks/gpu/step_profile.py reruns the step eagerly with them)
         self.step_fn = model.forward
         if self.mode == "compile":
             self.step_fn = torch.compile(model.forward, options=COMPILE_OPTIONS, fullgraph=True, dynamic=False)
-        self.graph = None
-        self.captures += 1
-        if not self.inputs[next(iter(self.inputs))].is_cuda:
-            if self.mode == "compile":  # compile now, so that the step's own call is not the first
-                lengths = self._lengths()
-                self._run(others)
-                self._restore(lengths)
-            return
         lengths = self._lengths()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up (and compile): cuBLAS workspaces, autotuning
-            for _ in range(2):
-                self._run(others)
-                self._restore(lengths)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records only: the cache lengths are not bumped until a replay
-            self.output = self._run(others)
-        self.graph = graph
+        if self.inputs[next(iter(self.inputs))].is_cuda:  # the cache lengths are not bumped until a replay
+            self.record(lambda: self._run(others), warmups=2, undo=lambda: self._restore(lengths))
+        elif self.mode == "compile":  # compile now, so that the step's own call is not the first
+            self._run(others)
+            self._restore(lengths)
 
 
 class FastDecoder:

@@ -54,6 +54,7 @@ from .chat_utils import check_history  # noqa: F401
 from .configuration_blocks import LlamaExpertConfig  # noqa: F401
 from .decode_graphs import FastDecoder  # noqa: F401
 from .prefill_graphs import PrefillGraph  # noqa: F401
+from .static_graphs import StaticGraph  # noqa: F401
 from .image_processing_visualglm import VisualGLMImageProcessor  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------

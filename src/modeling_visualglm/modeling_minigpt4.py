@@ -50,6 +50,7 @@ from .compat import init  # noqa: F401
 from .configuration_blocks import LlamaExpertConfig  # noqa: F401
 from .decode_graphs import FastDecoder  # noqa: F401
 from .prefill_graphs import PrefillGraph  # noqa: F401
+from .static_graphs import StaticGraph  # noqa: F401
 
 
 MiniGPT4CausalLMOutputWithPast = MultimodalCausalLMOutputWithPast

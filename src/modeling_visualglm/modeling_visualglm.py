@@ -37,6 +37,7 @@ from .compat import CACHE_ARG  # noqa: F401
 from .configuration_blocks import ChatGLMConfig  # noqa: F401
 from .decode_graphs import FastDecoder  # noqa: F401
 from .prefill_graphs import PrefillGraph  # noqa: F401
+from .static_graphs import StaticGraph  # noqa: F401
 
 
 VisualGLMCausalLMOutputWithPast = MultimodalCausalLMOutputWithPast

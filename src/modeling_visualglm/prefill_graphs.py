@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from .static_graphs import StaticGraph
+
 PREFILL_BUCKET = 64
 PREFILL_GRAPH_TOKENS = 4096
 PREFILL_GRAPH_PIXELS = 4096 * 14 * 14
@@ -85,17 +87,13 @@ def _join(values: dict, tensors: dict) -> dict:
     return out
 
 
-class PrefillGraph:
+class PrefillGraph(StaticGraph):
     """The captured prefill of one static cache (the last signature seen)."""
 
     def __init__(self, cache):
+        super().__init__()
         self.cache = cache
-        self.signature = None
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.static = None
-        self.output = None
-        self.graph = None
-        self.captures = 0  # tests and benchmarks read it
+        self.static = None  # the family's language-model inputs: their non-tensor values (the signature's)
         self.last_padded_length = None
 
     @staticmethod
@@ -137,16 +135,7 @@ class PrefillGraph:
                    **{"lm." + k: v for k, v in lm_tensors.items()}}
         signature = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors.items()), lm_static)
         self.last_padded_length = padded
-        if signature != self.signature:
-            self.signature = None
-            self._capture(model, tensors, lm_inputs)
-            self.signature = signature
-        for name, value in tensors.items():
-            self.inputs[name].copy_(value, non_blocking=True)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.output
-        return self._body(model)  # the CPU: the same buffers, no graph
+        return self.replay(tensors, signature, lambda: self._capture(model, lm_inputs), lambda: self._body(model))
 
     # --- the captured body -----------------------------------------------------------------------------------
     def _body(self, model):
@@ -164,21 +153,10 @@ class PrefillGraph:
             layer.cumulative_length.copy_(inputs["length"])
         return result
 
-    def _capture(self, model, tensors: dict, lm_inputs: dict):
-        self.graph = self.output = None  # free the last graph's pool first
-        self.inputs = {k: v.clone() for k, v in tensors.items()}
-        self.static = lm_inputs  # its non-tensor values (the signature's); its tensors come from self.inputs
-        self.captures += 1
+    def _capture(self, model, lm_inputs: dict):
+        self.static = lm_inputs  # its tensors come from self.inputs
         if not self.inputs["input_ids"].is_cuda:
             return
         if not self.cache.is_initialized:  # allocate the cache outside the graph's pool, on this stream
-            self._body(model)  # (the next run starts the cache over)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: cuBLAS workspaces, lazy kernels
-            self._body(model)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records only: the cache is written at the replay
-            self.output = self._body(model)
-        self.graph = graph
+            self._body(model)  # (every run starts the cache over)
+        self.record(lambda: self._body(model), warmups=1)
